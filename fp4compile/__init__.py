@@ -1,0 +1,30 @@
+"""fp4compile: train PyTorch models with their matrix multiplications in 4-bit floating point (NVFP4).
+
+``torch.compile(model, backend="fp4")`` captures the training step, assigns a precision to every GEMM and
+role from a policy, rewrites the chosen GEMMs into quantized ops and hands the rest to Inductor.
+"""
+
+from .numerics import (
+    MXFP4,
+    NVFP4,
+    Fp4Format,
+    QuantizedTensor,
+    Rounding,
+    ScaleFormat,
+    quantize,
+    quantize_dequantize,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize",
+    "quantize_dequantize",
+    "QuantizedTensor",
+    "Fp4Format",
+    "ScaleFormat",
+    "Rounding",
+    "NVFP4",
+    "MXFP4",
+    "__version__",
+]

@@ -1,0 +1,58 @@
+"""The 16-point random Hadamard transform (RHT) of the NV recipe (spec section 3).
+
+Each run of 16 consecutive elements ``v`` along the last axis becomes ``M v`` with ``M = (H16 / 4) diag(s)``,
+``H16`` the Sylvester Hadamard matrix and ``s`` a fixed sign vector shared by every layer. ``M`` is
+orthogonal, so ``(M a)^T (M b) = a^T b``: applied to both operands of the weight-gradient GEMM along the token
+axis it leaves the product unchanged before quantization while spreading outliers over 16 elements.
+
+The transform is computed as sign flips (exact), four add/subtract butterfly stages in float32 in a fixed
+order, then a multiplication by 1/4 (exact). Kernels perform the same stages in the same order, so the
+transformed values, and with them the quantized codes, agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RHT_SIGNS", "HADAMARD_SIZE", "random_hadamard_transform", "hadamard_matrix"]
+
+HADAMARD_SIZE = 16
+#: The fixed sign vector (TransformerEngine's; spec section 3).
+RHT_SIGNS: tuple[int, ...] = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
+
+
+def _butterflies(v: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Sylvester-Hadamard product of each 16-run of float32 ``v`` (shape ``(..., 16)``)."""
+    lead = v.shape[:-1]
+    for h in (1, 2, 4, 8):
+        pairs = v.reshape(*lead, HADAMARD_SIZE // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        v = torch.stack((a + b, a - b), dim=-2).reshape(*lead, HADAMARD_SIZE)
+    return v
+
+
+def random_hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Apply ``M = (H16 / 4) diag(s)`` (or its inverse ``M^T``) to every run of 16 along the last axis.
+
+    ``x`` is float32 with a last axis divisible by 16; the result is float32 of the same shape.
+    """
+    if x.shape[-1] % HADAMARD_SIZE:
+        raise ValueError(
+            f"random_hadamard_transform: the last axis of x (shape {tuple(x.shape)}) must be divisible by "
+            f"{HADAMARD_SIZE}, got {x.shape[-1]}"
+        )
+    signs = torch.tensor(RHT_SIGNS, dtype=torch.float32, device=x.device)
+    runs = x.reshape(*x.shape[:-1], x.shape[-1] // HADAMARD_SIZE, HADAMARD_SIZE)
+    if inverse:
+        out = _butterflies(runs) * 0.25 * signs
+    else:
+        out = _butterflies(runs * signs) * 0.25
+    return out.reshape(x.shape)
+
+
+def hadamard_matrix(dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The 16x16 matrix ``M = (H16 / 4) diag(s)`` (for tests and documentation)."""
+    h = torch.ones(1, 1, dtype=dtype)
+    while h.shape[0] < HADAMARD_SIZE:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / 4 * torch.tensor(RHT_SIGNS, dtype=dtype)
