@@ -4,6 +4,8 @@
 role from a policy, rewrites the chosen GEMMs into quantized ops and hands the rest to Inductor.
 """
 
+from . import recipes, schedules
+from .capture import Fp4Backend, backend
 from .numerics import (
     MXFP4,
     NVFP4,
@@ -14,6 +16,9 @@ from .numerics import (
     quantize,
     quantize_dequantize,
 )
+
+from .policy import HIGH, Decision, GemmPrecision, GemmSite, OperandPrecision, Policy, Recipe, Role, Rule
+from .policy.schedule import StepCounter
 
 __version__ = "0.1.0"
 
@@ -26,5 +31,19 @@ __all__ = [
     "Rounding",
     "NVFP4",
     "MXFP4",
+    "backend",
+    "Fp4Backend",
+    "recipes",
+    "schedules",
+    "StepCounter",
+    "Policy",
+    "Recipe",
+    "Rule",
+    "Role",
+    "Decision",
+    "GemmPrecision",
+    "OperandPrecision",
+    "GemmSite",
+    "HIGH",
     "__version__",
 ]

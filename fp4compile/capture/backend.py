@@ -1,0 +1,190 @@
+"""The ``"fp4"`` torch.compile backend: Dynamo's graph in, passes, then an inner compiler.
+
+    torch.compile(model, backend="fp4")                                   # the NV recipe
+    torch.compile(model, backend="fp4", options={"policy": fp4compile.recipes.fp4_all_the_way()})
+    torch.compile(model, backend=fp4compile.backend(policy=..., inner="inductor"))
+
+The string name is found through the ``torch_dynamo_backends`` entry point (`fp4_backend`), so it works in a
+fresh process without importing fp4compile; nothing here calls ``register_backend`` (a second registration
+of the same name asserts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import torch.fx as fx
+
+from .. import env
+from ..inspect.table import TableRow, precision_table, rows_to_json, rows_to_markdown
+from ..passes.pipeline import run_passes
+from ..policy.recipe import Policy
+from ..policy.schedule import FP4_PHASE, Phase, Schedule, StepCounter
+from .inner import INNER_COMPILERS, compile_inner
+
+__all__ = ["Fp4Backend", "CompileReport", "backend", "fp4_backend"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """What one compilation of one graph in one schedule phase decided and produced."""
+
+    graph: str
+    phase: str
+    rows: list[TableRow]
+    pass_code: list[tuple[str, str]]
+    aot_code: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def fallbacks(self) -> list[TableRow]:
+        return [r for r in self.rows if r.reason.startswith("fallback:")]
+
+
+def _default_policy() -> Policy:
+    from ..recipes import nvfp4
+
+    return nvfp4()
+
+
+class Fp4Backend:
+    """A torch.compile backend that runs the GEMMs a ``policy`` picks in FP4.
+
+    Args:
+        policy: anything with ``decide(site, role) -> Decision`` (default: `fp4compile.recipes.nvfp4()`); a
+            ``schedule`` attribute, if present, makes the precision change with ``step_counter``.
+        inner: ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``: compiles everything else.
+        step_counter: the `StepCounter` a schedule reads (one is created if not given).
+        dump_dir: where to write the precision table (default: ``FP4COMPILE_DUMP``).
+        verify: run the graph verifier after every pass (default: ``FP4COMPILE_VERIFY``).
+    """
+
+    __name__ = "fp4"
+
+    def __init__(self, policy: Optional[Policy] = None, inner: Optional[str] = None,
+                 step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
+                 verify: Optional[bool] = None) -> None:
+        self.policy = policy if policy is not None else _default_policy()
+        if not callable(getattr(self.policy, "decide", None)):
+            raise TypeError(f"policy must have a decide(site, role) method, got {type(self.policy).__name__}")
+        self.inner = inner or env.inner_compiler() or "inductor"
+        if self.inner not in INNER_COMPILERS:
+            raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
+        self.step_counter = step_counter if step_counter is not None else StepCounter()
+        self.dump_dir = dump_dir if dump_dir is not None else env.dump_dir()
+        self.verify = env.verify_passes() if verify is None else verify
+        self.reports: list[CompileReport] = []
+        self._graph_ids = itertools.count()
+
+    # Dynamo compares backends to decide whether a cached frame can be reused.
+    def _key(self) -> tuple:
+        return (repr(self.policy), self.inner, id(self.step_counter), self.dump_dir)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Fp4Backend) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Fp4Backend(policy={self.policy!r}, inner={self.inner!r})"
+
+    @property
+    def schedule(self) -> Optional[Schedule]:
+        return getattr(self.policy, "schedule", None)
+
+    def rows(self) -> list[TableRow]:
+        """The precision table over every graph compiled so far (latest phase of each graph)."""
+        latest: dict[str, CompileReport] = {}
+        for report in self.reports:
+            latest[report.graph] = report
+        return [row for report in latest.values() for row in report.rows]
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
+        graph_id = f"graph_{next(self._graph_ids)}"
+        schedule = self.schedule
+        if schedule is None:
+            return self._compile_phase(gm, example_inputs, graph_id, FP4_PHASE)
+        compiled: dict[Phase, Callable] = {}
+
+        def run(*args: Any) -> Any:
+            phase = schedule.phase_at(self.step_counter.step)
+            fn = compiled.get(phase)
+            if fn is None:
+                logger.info("fp4compile: compiling %s for schedule phase %r", graph_id, phase.name)
+                fn = compiled[phase] = self._compile_phase(gm, example_inputs, graph_id, phase)
+            if getattr(fn, "_boxed_call", False):
+                return fn(list(args))
+            return fn(*args)
+
+        first = schedule.phase_at(self.step_counter.step)
+        compiled[first] = self._compile_phase(gm, example_inputs, graph_id, first)
+        return run
+
+    def _compile_phase(self, gm: fx.GraphModule, example_inputs: Sequence[Any], graph_id: str, phase: Phase) -> Callable:
+        result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify)
+        report = CompileReport(graph_id, phase.name, precision_table(result.annotated, graph_id), result.snapshots)
+        self.reports.append(report)
+        if report.fallbacks:
+            listed = "; ".join(f"{r.module or r.node} {r.role}: {r.reason}" for r in report.fallbacks)
+            logger.warning("fp4compile: %d GEMM role(s) fall back to high precision in %s: %s",
+                           len(report.fallbacks), graph_id, listed)
+
+        def record(label: str, graph: fx.GraphModule) -> None:
+            report.aot_code[label] = graph.code
+
+        compiled = compile_inner(result.graph_module, example_inputs, self.inner, record)
+        if self.dump_dir:
+            self._write_dump()
+        return compiled
+
+    def _write_dump(self) -> None:
+        os.makedirs(self.dump_dir, exist_ok=True)
+        rows = self.rows()
+        with open(os.path.join(self.dump_dir, "precision_table.json"), "w") as f:
+            f.write(rows_to_json(rows))
+        with open(os.path.join(self.dump_dir, "precision_table.md"), "w") as f:
+            f.write(rows_to_markdown(rows))
+        for report in self.reports:
+            folder = os.path.join(self.dump_dir, report.graph, report.phase)
+            os.makedirs(folder, exist_ok=True)
+            for i, (name, code) in enumerate(report.pass_code):
+                with open(os.path.join(folder, f"pass_{i}_{name}.py"), "w") as f:
+                    f.write(code)
+            for label, code in report.aot_code.items():
+                with open(os.path.join(folder, f"aot_{label}.py"), "w") as f:
+                    f.write(code)
+            with open(os.path.join(folder, "precision_table.json"), "w") as f:
+                f.write(json.dumps([r.to_dict() for r in report.rows], indent=1))
+
+
+# The backend's registry: one instance per configuration, so repeated compiles share their reports.
+_REGISTRY: dict[tuple, Fp4Backend] = {}
+
+
+def backend(policy: Optional[Policy] = None, inner: Optional[str] = None,
+            step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
+            verify: Optional[bool] = None) -> Fp4Backend:
+    """The `Fp4Backend` for this configuration (the same instance for the same configuration)."""
+    candidate = Fp4Backend(policy, inner, step_counter, dump_dir, verify)
+    key = candidate._key() + (candidate.verify,)
+    return _REGISTRY.setdefault(key, candidate)
+
+
+def fp4_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
+                mode: Optional[str] = None) -> Callable:
+    """The entry point behind ``backend="fp4"``; ``options`` are `backend`'s keyword arguments."""
+    options = dict(options or {})
+    allowed = {"policy", "inner", "step_counter", "dump_dir", "verify"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"backend 'fp4': unknown option(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
+    if mode not in (None, "default"):
+        logger.warning("fp4compile: torch.compile mode %r is ignored by the fp4 backend", mode)
+    return backend(**options)(gm, example_inputs)

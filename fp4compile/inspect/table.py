@@ -1,0 +1,75 @@
+"""The precision table: one row per GEMM site and role, with the precision and the reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterable, Optional
+
+import torch.fx as fx
+
+from ..passes.meta import DECISIONS, SITE, UNSUPPORTED
+from ..passes.find_gemms import module_path
+from ..policy.precision import Role
+
+__all__ = ["TableRow", "precision_table", "rows_to_json", "rows_to_markdown"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRow:
+    """One GEMM in one role. ``shape`` is ``(M, N, K)`` of that GEMM (``M`` may be symbolic)."""
+
+    graph: str
+    module: str
+    role: str
+    precision: str
+    reason: str
+    shape: tuple[str, str, str]
+    lhs: str
+    rhs: str
+    layer: Optional[int]
+    weight: str
+    node: str
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def precision_table(annotated: fx.GraphModule, graph: str = "") -> list[TableRow]:
+    """Rows for every weight GEMM of a graph annotated by the pass pipeline, including those left in high
+    precision because they could not be rewritten."""
+    rows: list[TableRow] = []
+    for node in annotated.graph.nodes:
+        site = node.meta.get(SITE)
+        decisions = node.meta.get(DECISIONS)
+        if site is not None and decisions is not None:
+            for role in Role:
+                p = decisions[role].precision
+                rows.append(TableRow(
+                    graph, site.module, role.value, p.precision, decisions[role].reason, site.role_shape(role.value),
+                    "high" if p.is_high else p.lhs.describe(), "high" if p.is_high else p.rhs.describe(),
+                    site.layer_index, site.weight, site.node, site.dtype,
+                ))
+        elif UNSUPPORTED in node.meta:
+            stack = node.meta.get("nn_module_stack") or {}
+            module = module_path(list(stack.values())[-1][0]) if stack else ""
+            for role in Role:
+                rows.append(TableRow(graph, module, role.value, "high", f"fallback: {node.meta[UNSUPPORTED]}",
+                                     ("?", "?", "?"), "high", "high", None, "", node.name, ""))
+    return rows
+
+
+def rows_to_json(rows: Iterable[TableRow]) -> str:
+    return json.dumps([r.to_dict() for r in rows], indent=1)
+
+
+def rows_to_markdown(rows: Iterable[TableRow]) -> str:
+    header = "| module | role | precision | lhs | rhs | M x N x K | reason |\n|---|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r.module} | {r.role} | {r.precision} | {r.lhs} | {r.rhs} | {' x '.join(r.shape)} | {r.reason} |\n"
+        for r in rows
+    )
+    return header + body

@@ -1,0 +1,161 @@
+"""``fp4_linear``: the op that a rewritten GEMM site calls, with the three GEMMs of its autograd.
+
+    forward      y  = x W^T      lhs x (..., K) along K        rhs W (N, K) along K
+    input_grad   dx = dy W       lhs dy (M, N) along N         rhs W along N: the forward's 2D-quantized W
+                                                                 reused transposed, or W^T quantized anew
+    weight_grad  dW = dy^T x     lhs dy^T (N, M) along tokens  rhs x^T (K, M) along tokens
+
+What is saved for backward (spec section 3; "keep the quantized forms, not high-precision copies"):
+- the weight-gradient operand x^T is quantized in the forward pass and saved packed (4.5 bits per element),
+  so the activation x itself is not saved at all when that GEMM runs in FP4;
+- the forward's 2D-quantized weight is saved packed and reused by the input-gradient GEMM (the chain rule
+  holds for the very matrix the forward used) when both roles share the same weight precision.
+
+Stochastic rounding draws a fresh 64-bit Philox key per quantization from torch's generator on the
+operand's device, so a run is reproducible from ``torch.manual_seed`` and resumable from the RNG state.
+Token counts not divisible by the weight-gradient block are zero-padded: zero rows add nothing to
+``dy^T x`` and leave every amax unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..policy.precision import GemmPrecision, LinearPrecision, OperandPrecision
+from ..numerics.formats import Rounding
+from ..numerics.hadamard import HADAMARD_SIZE
+from . import library  # noqa: F401  (registers torch.ops.fp4compile.*)
+
+__all__ = ["fp4_linear", "Fp4LinearFunction"]
+
+_SEED_HIGH = 2**62
+
+
+def _seed_for(op: OperandPrecision, device: torch.device) -> Optional[torch.Tensor]:
+    if op.rounding is not Rounding.STOCHASTIC:
+        return None
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
+
+
+def _quantize(x: torch.Tensor, op: OperandPrecision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device))
+
+
+def _gemm(a, b, precision: GemmPrecision, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
+    return torch.ops.fp4compile.gemm(
+        *a, *b, bias, precision.lhs.encode(), precision.rhs.encode(), b_transposed, out_dtype
+    )
+
+
+def _token_multiple(precision: GemmPrecision) -> int:
+    """Row multiple the weight-gradient GEMM needs along the token axis (its reduction axis)."""
+    multiple = precision.lhs.format.block_size
+    if precision.lhs.hadamard or precision.rhs.hadamard:
+        multiple = math.lcm(multiple, HADAMARD_SIZE)
+    return multiple
+
+
+def _pad_rows(x2: torch.Tensor, multiple: int) -> torch.Tensor:
+    rows = x2.shape[0]
+    if rows % multiple == 0:
+        return x2
+    return F.pad(x2, (0, 0, 0, multiple - rows % multiple))
+
+
+def _reuses_forward_weight(cfg: LinearPrecision) -> bool:
+    """The input-gradient GEMM can reuse the forward's quantized W when it is a square 2D tiling with the same
+    precision (then W and W^T quantize to the same matrix, spec section 3)."""
+    fwd, dgrad = cfg.forward, cfg.input_grad
+    return not fwd.is_high and not dgrad.is_high and fwd.rhs.is_2d and dgrad.rhs == fwd.rhs
+
+
+class Fp4LinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with each of its three GEMMs at the precision ``cfg`` gives."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg: LinearPrecision, out_dtype: torch.dtype):
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)
+        fwd = cfg.forward
+        q_weight = None
+        if fwd.is_high:
+            y = F.linear(x2, weight, bias).to(out_dtype)
+        else:
+            q_x = _quantize(x2, fwd.lhs)
+            q_weight = _quantize(weight, fwd.rhs)
+            y = _gemm(q_x, q_weight, fwd, False, bias, out_dtype)
+
+        ctx.cfg, ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = cfg, x.shape, x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.reuse_weight = _reuses_forward_weight(cfg)
+        saved = []
+        saved += list(q_weight) if ctx.reuse_weight else [weight]
+        wgrad = cfg.weight_grad
+        if wgrad.is_high:
+            saved.append(x2)
+        else:
+            padded = _pad_rows(x2, _token_multiple(wgrad))
+            saved += list(_quantize(padded.t(), wgrad.rhs))
+        ctx.save_for_backward(*saved)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        cfg: LinearPrecision = ctx.cfg
+        saved = list(ctx.saved_tensors)
+        weight_parts = saved[:3] if ctx.reuse_weight else saved[:1]
+        act_parts = saved[len(weight_parts):]
+        n = dy.shape[-1]
+        dy2 = dy.reshape(-1, n)
+        dx = dw = db = None
+
+        if ctx.needs_input_grad[0]:
+            dgrad = cfg.input_grad
+            if dgrad.is_high:
+                dx = (dy2 @ weight_parts[0].to(dy2.dtype)).to(ctx.x_dtype)
+            else:
+                q_dy = _quantize(dy2, dgrad.lhs)
+                if ctx.reuse_weight:
+                    dx = _gemm(q_dy, weight_parts, dgrad, True, None, ctx.x_dtype)
+                else:
+                    q_wt = _quantize(weight_parts[0].t(), dgrad.rhs)
+                    dx = _gemm(q_dy, q_wt, dgrad, False, None, ctx.x_dtype)
+            dx = dx.reshape(ctx.x_shape)
+
+        if ctx.needs_input_grad[1]:
+            wgrad = cfg.weight_grad
+            if wgrad.is_high:
+                dw = (dy2.t() @ act_parts[0].to(dy2.dtype)).to(ctx.weight_dtype)
+            else:
+                q_dyt = _quantize(_pad_rows(dy2, _token_multiple(wgrad)).t(), wgrad.lhs)
+                dw = _gemm(q_dyt, act_parts, wgrad, False, None, ctx.weight_dtype)
+
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None
+
+
+def fp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """``x @ weight.T + bias`` with the per-role precisions encoded in ``precision``
+    (`LinearPrecision.encode`), returned in ``out_dtype``.
+
+    Without autograd (``torch.no_grad()``, inference graphs) only the forward GEMM runs, and it rounds to
+    nearest whatever the policy says, so evaluation is deterministic.
+    """
+    cfg = LinearPrecision.decode(precision)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return Fp4LinearFunction.apply(x, weight, bias, cfg, out_dtype)
+    fwd = cfg.forward
+    if fwd.is_high:
+        return F.linear(x, weight, bias).to(out_dtype)
+    lhs = OperandPrecision(fwd.lhs.format, fwd.lhs.block, Rounding.NEAREST, fwd.lhs.hadamard)
+    rhs = OperandPrecision(fwd.rhs.format, fwd.rhs.block, Rounding.NEAREST, fwd.rhs.hadamard)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _gemm(_quantize(x2, lhs), _quantize(weight, rhs), GemmPrecision(lhs, rhs), False, bias, out_dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])

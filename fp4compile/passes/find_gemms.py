@@ -1,0 +1,204 @@
+"""Pass: find the GEMMs whose one operand is a weight, in every spelling, and describe them as `GemmSite`s.
+
+Reads: ``node.meta["nn_module_stack"]`` and ``"example_value"`` (set by Dynamo); the graph's example inputs.
+Writes: ``node.meta[MATCH]`` (`GemmMatch`) and ``node.meta[SITE]`` (`GemmSite`) on each weight GEMM, and
+``node.meta[UNSUPPORTED]`` (a reason) on weight GEMMs it cannot rewrite (they stay in high precision).
+
+Spellings: ``F.linear(x, W, b)``; ``torch.addmm(b, x, B)``; ``torch.matmul``/``torch.mm``/``@``/``Tensor.matmul``
+(``x @ B``), where ``B`` is ``W.t()``/``W.T``/``W.transpose(0, 1)``/``W.permute(1, 0)`` of an ``(N, K)`` weight,
+or an ``(K, N)`` weight itself as in GPT-2's ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import re
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..policy.site import GemmSite
+from .meta import MATCH, SITE, UNSUPPORTED
+
+__all__ = ["GemmMatch", "find_gemm_sites", "module_path"]
+
+_LINEAR = {F.linear, torch._C._nn.linear}
+_MATMUL = {torch.matmul, operator.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.__matmul__}
+_ADDMM = {torch.addmm, torch.Tensor.addmm}
+_MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
+_TRANSPOSE_METHODS = {"t", "transpose", "permute"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmMatch:
+    """A weight GEMM ``y = x W^T + b`` as found in the graph.
+
+    ``weight`` is the parameter node; ``weight_is_kn`` says the parameter is stored ``(K, N)`` (the GEMM uses it
+    as is, like ``Conv1D``) rather than ``(N, K)`` (like ``nn.Linear``).
+    """
+
+    x: fx.Node
+    weight: fx.Node
+    weight_is_kn: bool
+    bias: Optional[Any]
+    spelling: str
+
+
+def _is_transpose_2d(node: fx.Node) -> bool:
+    """Whether ``node`` swaps the two axes of a 2D tensor."""
+    target, args = node.target, node.args
+    if node.op == "call_function" and target is getattr and args[1] in ("T", "mT"):
+        return True
+    name = target if node.op == "call_method" else getattr(target, "__name__", "")
+    if name == "t" and len(args) == 1:
+        return True
+    if name == "transpose":
+        dims = {d % 2 for d in args[1:3]} if len(args) >= 3 else set()
+        return dims == {0, 1}
+    if name == "permute":
+        dims = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else tuple(args[1:])
+        return tuple(d % 2 for d in dims) == (1, 0)
+    return False
+
+
+def _as_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[tuple[fx.Node, bool]]:
+    """``(parameter node, transposed)`` if ``node`` is a 2D parameter or its transpose, else None."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node in params:
+        return node, False
+    if _is_transpose_2d(node) and isinstance(node.args[0], fx.Node) and node.args[0] in params:
+        return node.args[0], True
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _match(node: fx.Node, params: dict[fx.Node, torch.Tensor]) -> "GemmMatch | str | None":
+    """A `GemmMatch`, a reason string for a weight GEMM we cannot rewrite, or None for other nodes."""
+    target = node.target
+    is_method = node.op == "call_method"
+    if node.op == "call_function" and target in _LINEAR:
+        x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        found = _as_weight(w, params)
+        if found is None:
+            return None
+        param, transposed = found
+        return GemmMatch(x, param, transposed, b, "linear")
+    if (node.op == "call_function" and target in _MATMUL) or (is_method and target in _MATMUL_METHODS):
+        lhs, rhs = node.args[0], node.args[1]
+        found = _as_weight(rhs, params)
+        if found is None:
+            if _as_weight(lhs, params) is not None:
+                return "the weight is the left operand (W @ x); only x @ W^T layouts are rewritten"
+            return None
+        param, transposed = found
+        return GemmMatch(lhs, param, not transposed, None, "mm" if getattr(target, "__name__", target) == "mm" else "matmul")
+    if (node.op == "call_function" and target in _ADDMM) or (is_method and target == "addmm"):
+        bias, lhs, rhs = node.args[0], node.args[1], node.args[2]
+        found = _as_weight(rhs, params)
+        if found is None:
+            return "the weight is the left operand of addmm" if _as_weight(lhs, params) is not None else None
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return "addmm with beta or alpha other than 1"
+        param, transposed = found
+        return GemmMatch(lhs, param, not transposed, bias, "addmm")
+    return None
+
+
+_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+_KEYED = re.compile(r"\.?_(?:modules|parameters|buffers)\['([^']*)'\]")
+_INDEXED = re.compile(r"\[(\d+)\]")
+
+
+def module_path(raw: str) -> str:
+    """Normalise a Dynamo path (``L['self']._modules['h']._modules['0'].mlp``) to ``h.0.mlp``."""
+    path = _ROOT.sub("", raw)
+    path = _KEYED.sub(r".\1", path)
+    path = _INDEXED.sub(r".\1", path)
+    return path.strip(".")
+
+
+def _param_name(node: fx.Node) -> str:
+    source = getattr(node, "_dynamo_source", None)
+    if source is not None:
+        name = source.name() if callable(source.name) else source.name
+        return module_path(name)
+    return node.name
+
+
+def _call_module(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return module_path(path)
+
+
+def _example_value(node: Any) -> Optional[torch.Tensor]:
+    if isinstance(node, fx.Node):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        return value if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def _parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, torch.Tensor]:
+    """Placeholders and ``get_attr`` nodes that hold 2D ``nn.Parameter``s."""
+    params: dict[fx.Node, torch.Tensor] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        if isinstance(example, torch.nn.Parameter) and example.dim() == 2:
+            params[node] = example
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.nn.Parameter) and value.dim() == 2:
+                params[node] = value
+    return params
+
+
+def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
+    """Annotate every weight GEMM of ``gm`` with its `GemmMatch` and `GemmSite` (see the module docstring)."""
+    params = _parameters(gm, example_inputs)
+    position = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        found = _match(node, params)
+        if found is None:
+            continue
+        if isinstance(found, str):
+            node.meta[UNSUPPORTED] = found
+            continue
+        weight = params[found.weight]
+        n, k = (weight.shape[1], weight.shape[0]) if found.weight_is_kn else (weight.shape[0], weight.shape[1])
+        x_val = _example_value(found.x)
+        if x_val is None or x_val.dim() < 1 or x_val.shape[-1] != k:
+            node.meta[UNSUPPORTED] = f"could not read the activation's shape (expected (..., {k}))"
+            continue
+        weight_name = _param_name(found.weight)
+        module = _call_module(node) or weight_name.rsplit(".", 1)[0]
+        node.meta[MATCH] = found
+        node.meta[SITE] = GemmSite(
+            node=node.name,
+            module=module,
+            weight=weight_name,
+            spelling=found.spelling,
+            in_features=int(k),
+            out_features=int(n),
+            input_shape=tuple(str(s) for s in x_val.shape),
+            dtype=str(x_val.dtype),
+            trainable=bool(weight.requires_grad),
+            position=position,
+        )
+        position += 1
+    return gm

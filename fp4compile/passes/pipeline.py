@@ -1,0 +1,75 @@
+"""The pass pipeline: find GEMMs -> find layers -> assign precision -> legalize -> rewrite.
+
+Each pass is a function from graph to graph; the pipeline keeps the code of the graph after each pass (for
+``fp4compile dump``) and, when asked (tests set ``FP4COMPILE_VERIFY=1``), runs the verifier after each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Sequence
+
+import torch.fx as fx
+
+from ..policy.recipe import Policy
+from ..policy.schedule import FP4_PHASE, Phase
+from .annotate_layers import annotate_layers
+from .assign_precision import assign_precision
+from .find_gemms import find_gemm_sites
+from .legalize import legalize_precision
+from .rewrite import rewrite_gemms
+from .verify import verify_graph
+
+__all__ = ["PassResult", "run_passes", "copy_graph_module"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PassResult:
+    """The rewritten graph, the annotated graph before the rewrite (it carries every decision), and the code
+    of the graph before the first pass and after each pass, in order."""
+
+    graph_module: fx.GraphModule
+    annotated: fx.GraphModule
+    snapshots: list[tuple[str, str]]
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose graph can be rewritten without touching ``gm`` (node meta copied shallowly)."""
+    graph = fx.Graph()
+    graph._codegen = gm.graph._codegen
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta = dict(getattr(gm, "meta", {}))
+    return copy
+
+
+def run_passes(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    policy: Policy,
+    phase: Phase = FP4_PHASE,
+    verify: bool = False,
+) -> PassResult:
+    """Run the pipeline on a copy of ``gm``; ``gm`` itself is not modified."""
+    work = copy_graph_module(gm)
+    snapshots = [("input", work.code)]
+    passes: list[tuple[str, Callable[[fx.GraphModule], fx.GraphModule]]] = [
+        ("find_gemm_sites", lambda g: find_gemm_sites(g, example_inputs)),
+        ("annotate_layers", annotate_layers),
+        ("assign_precision", lambda g: assign_precision(g, policy, phase)),
+        ("legalize_precision", legalize_precision),
+    ]
+    for name, fn in passes:
+        work = fn(work)
+        if verify:
+            verify_graph(work, after=name)
+    annotated = copy_graph_module(work)
+    work = rewrite_gemms(work)
+    if verify:
+        verify_graph(work, after="rewrite_gemms")
+    snapshots.append(("rewrite_gemms", work.code))
+    return PassResult(work, annotated, snapshots)

@@ -1,0 +1,50 @@
+"""`GemmSite`: what the compiler knows about one GEMM with a weight operand, as a policy sees it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+__all__ = ["GemmSite"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmSite:
+    """One weight GEMM ``y = x W^T`` of a captured graph.
+
+    Attributes:
+        node: the FX node name of the GEMM in the Dynamo graph (e.g. ``linear_3``).
+        module: the module path of the call (e.g. ``transformer.h.3.mlp.c_fc``); for a call made outside any
+            submodule, the path of the module that owns the weight.
+        weight: the weight's parameter name (e.g. ``transformer.h.3.mlp.c_fc.weight``).
+        spelling: how the model wrote it: ``linear``, ``addmm``, ``matmul``, ``mm``.
+        in_features, out_features: ``K`` and ``N``.
+        input_shape: the activation's shape as strings (symbolic sizes like ``s0`` under dynamic shapes).
+        dtype: the activation dtype, e.g. ``torch.bfloat16``.
+        layer_index: the index of the repeated block that holds the site (found from module paths), or None.
+        first_layer, last_layer: the smallest and largest block index in the graph's block stack, or None.
+        is_output_head: the last weight GEMM of the forward graph outside the block stack.
+        trainable: whether the weight requires a gradient (otherwise the weight-gradient GEMM never runs).
+        position: the site's order in the graph.
+    """
+
+    node: str
+    module: str
+    weight: str
+    spelling: str
+    in_features: int
+    out_features: int
+    input_shape: tuple[str, ...]
+    dtype: str
+    layer_index: Optional[int] = None
+    first_layer: Optional[int] = None
+    last_layer: Optional[int] = None
+    is_output_head: bool = False
+    trainable: bool = True
+    position: int = 0
+
+    def role_shape(self, role: str) -> tuple[str, str, str]:
+        """``(M, N, K)`` of the GEMM in ``role`` (as strings; tokens may be symbolic)."""
+        tokens = "*".join(self.input_shape[:-1]) or "1"
+        k, n = str(self.in_features), str(self.out_features)
+        return {"forward": (tokens, n, k), "input_grad": (tokens, k, n), "weight_grad": (n, k, tokens)}[role]

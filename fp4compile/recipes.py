@@ -1,0 +1,107 @@
+"""The built-in recipes (../shared/docs/NVFP4.md sections 3-4) as `Recipe` policies.
+
+>>> policy = fp4compile.recipes.nvfp4(high_precision=["*.attn.*"])
+>>> model = torch.compile(model, backend=fp4compile.backend(policy=policy))
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from .numerics.formats import MXFP4, NVFP4, Fp4Format
+from .policy.precision import HIGH, GemmPrecision, OperandPrecision, Role
+from .policy.recipe import Recipe, Rule, high_precision_rules
+from .policy.schedule import Schedule
+
+__all__ = ["nvfp4", "fp4_all_the_way", "mxfp4", "high_precision", "nv_recipe_precisions"]
+
+RN, SR = "nearest", "stochastic"
+
+
+def nv_recipe_precisions(fmt: Fp4Format = NVFP4) -> tuple[GemmPrecision, GemmPrecision, GemmPrecision]:
+    """The three GEMMs of the NV recipe (spec section 3) in format ``fmt``.
+
+    forward: x 1xB round-to-nearest, W BxB 2D round-to-nearest; input_grad: dy 1xB stochastic, the same 2D W;
+    weight_grad: dy^T and x^T through the 16-point RHT, 1xB along tokens, dy^T stochastic, x^T nearest.
+    """
+    b = fmt.block_size
+    weight_2d = OperandPrecision(fmt, (b, b), RN)
+    forward = GemmPrecision(OperandPrecision(fmt, (1, b), RN), weight_2d)
+    input_grad = GemmPrecision(OperandPrecision(fmt, (1, b), SR), weight_2d)
+    weight_grad = GemmPrecision(OperandPrecision(fmt, (1, b), SR, True), OperandPrecision(fmt, (1, b), RN, True))
+    return forward, input_grad, weight_grad
+
+
+def _recipe(name, precisions, first, last, high_precision, high_precision_layers, high_precision_roles,
+            rules, quantize_output_head, schedule) -> Recipe:
+    forward, input_grad, weight_grad = precisions
+    all_rules = tuple(rules) + high_precision_rules(high_precision, high_precision_layers, high_precision_roles)
+    return Recipe(name, forward, input_grad, weight_grad, first, last, quantize_output_head, all_rules, schedule)
+
+
+def nvfp4(
+    high_precision_first_blocks: int = 1,
+    high_precision_last_blocks: int = 1,
+    high_precision: Sequence[str] = (),
+    high_precision_layers: Sequence[int] = (),
+    high_precision_roles: Sequence["Role | str"] = (),
+    rules: Sequence[Rule] = (),
+    quantize_output_head: bool = False,
+    schedule: Optional[Schedule] = None,
+) -> Recipe:
+    """The NV recipe (the default policy; spec section 3).
+
+    Args:
+        high_precision_first_blocks, high_precision_last_blocks: blocks of the block stack whose linears stay
+            in high precision (NV kept the first 2 and last 8 of 62, about 15%).
+        high_precision: module-path globs kept in high precision, e.g. ``["*.attn.*"]``.
+        high_precision_layers: block indices kept in high precision (negative counts from the end).
+        high_precision_roles: roles kept in high precision everywhere, e.g. ``["weight_grad"]``.
+        rules: further `Rule` overrides, tried first.
+        quantize_output_head: quantize the output head too (it stays high precision by default).
+        schedule: e.g. `fp4compile.schedules.late_switch`.
+    """
+    return _recipe("nvfp4", nv_recipe_precisions(NVFP4), high_precision_first_blocks, high_precision_last_blocks,
+                   high_precision, high_precision_layers, high_precision_roles, rules, quantize_output_head, schedule)
+
+
+def mxfp4(
+    high_precision_first_blocks: int = 1,
+    high_precision_last_blocks: int = 1,
+    high_precision: Sequence[str] = (),
+    high_precision_layers: Sequence[int] = (),
+    high_precision_roles: Sequence["Role | str"] = (),
+    rules: Sequence[Rule] = (),
+    quantize_output_head: bool = False,
+    schedule: Optional[Schedule] = None,
+) -> Recipe:
+    """The NV recipe's structure in MXFP4 (32-element blocks, power-of-two scales, no tensor scale); NV's
+    comparison point (1.5% vs 2.5% loss gap to BF16 at 8B, spec section 3)."""
+    return _recipe("mxfp4", nv_recipe_precisions(MXFP4), high_precision_first_blocks, high_precision_last_blocks,
+                   high_precision, high_precision_layers, high_precision_roles, rules, quantize_output_head, schedule)
+
+
+def fp4_all_the_way(
+    high_precision_first_blocks: int = 0,
+    high_precision_last_blocks: int = 0,
+    high_precision: Sequence[str] = (),
+    high_precision_layers: Sequence[int] = (),
+    high_precision_roles: Sequence["Role | str"] = (),
+    rules: Sequence[Rule] = (),
+    quantize_output_head: bool = False,
+    schedule: Optional[Schedule] = None,
+) -> Recipe:
+    """FATW (spec section 4): NVFP4, 1D blocks along each GEMM's reduction axis (weights quantized once per
+    orientation), round-to-nearest forward, stochastic rounding for the gradient operands of both backward
+    GEMMs and for the activation of the weight-gradient GEMM, no Hadamard transform."""
+    b = NVFP4.block_size
+    rn = OperandPrecision(NVFP4, (1, b), RN)
+    sr = OperandPrecision(NVFP4, (1, b), SR)
+    precisions = (GemmPrecision(rn, rn), GemmPrecision(sr, rn), GemmPrecision(sr, sr))
+    return _recipe("fp4_all_the_way", precisions, high_precision_first_blocks, high_precision_last_blocks,
+                   high_precision, high_precision_layers, high_precision_roles, rules, quantize_output_head, schedule)
+
+
+def high_precision() -> Recipe:
+    """Every GEMM in high precision: the control that changes nothing."""
+    return Recipe("high_precision", HIGH, HIGH, HIGH)
