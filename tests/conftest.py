@@ -1,5 +1,7 @@
 import os
 
+os.environ.setdefault("FP4COMPILE_VERIFY", "1")  # the graph verifier runs after every pass in tests
+
 import pytest
 import torch
 
@@ -19,6 +21,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_fresh_dynamo():
+    """Each test starts from seed 0 with Dynamo's caches empty (compiled frames are cached per code object,
+    so tests compiling the same model class would otherwise share and exhaust the recompile limit)."""
     torch.manual_seed(0)
+    torch._dynamo.reset()
     yield

@@ -1,0 +1,45 @@
+"""Shared helpers for backend tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import fp4compile
+from fp4compile.policy.precision import LinearPrecision, Role
+from reference_linear import swap_in_reference
+
+
+def batch(vocab=64, b=2, t=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (b, t), generator=g), torch.randint(0, vocab, (b, t), generator=g)
+
+
+def compiled_step(model, inputs, policy=None, inner="eager", seed=1, **kwargs):
+    """One compiled forward+backward; returns (loss, {name: grad}, backend)."""
+    be = fp4compile.Fp4Backend(policy=policy, inner=inner, verify=True, **kwargs)
+    cm = torch.compile(model, backend=be)
+    torch.manual_seed(seed)
+    loss = cm(*inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, be
+
+
+def reference_step(model, inputs, precisions: dict[str, LinearPrecision], seed=1):
+    ref = swap_in_reference(copy.deepcopy(model), precisions)
+    torch.manual_seed(seed)
+    loss = ref(*inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+
+def precisions_from_rows(rows) -> dict[str, LinearPrecision]:
+    """The per-module LinearPrecision the backend chose, read back from its precision table."""
+    from fp4compile.policy.precision import GemmPrecision, OperandPrecision
+
+    by_module: dict[str, dict[str, GemmPrecision]] = {}
+    for r in rows:
+        # Rows describe operands for humans; recover exact precisions from the recipe instead in tests.
+        by_module.setdefault(r.module, {})[r.role] = r.precision
+    return by_module
