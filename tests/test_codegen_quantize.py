@@ -124,6 +124,34 @@ def test_every_e4m3_scale_byte():
     assert len(set(tri.scale.view(torch.uint8)[:, 0].tolist())) == 127
 
 
+def scale_order_sensitive_rows(tensor_amax=3.3):
+    """A (rows, 16) tensor whose block maxima give a different E4M3 scale if ``amax_b * (S * (1/6))`` were
+    computed in another order (``(amax_b * S) * (1/6)``): near-midpoints of E4M3, found by search."""
+    t = torch.tensor(tensor_amax)
+    s = torch.tensor(2688.0) / t
+    grid = torch.arange(1, 126, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (grid[:-1] + grid[1:]) / 2
+    found = []
+    for ulps in range(-64, 65):
+        m = mids * 6 / s * (1 + ulps * 2.0**-23)
+        m = m[m < t]
+        spec = (m * (s * torch.tensor(1 / 6))).clamp(max=448).to(torch.float8_e4m3fn).view(torch.uint8)
+        other = ((m * s) * torch.tensor(1 / 6)).clamp(max=448).to(torch.float8_e4m3fn).view(torch.uint8)
+        found.append(m[spec != other])
+    maxima = torch.cat(found)
+    assert maxima.numel() >= 8
+    x = torch.randn(maxima.numel() + 1, 16).clamp(-1, 1) * 0.5
+    x[:-1, 0] = maxima * torch.sign(torch.randn(maxima.numel()))
+    x[:-1] *= (x[:-1, :1].abs() / x[:-1].abs().amax(1, keepdim=True)).clamp(max=1)
+    x[:-1, 0] = maxima
+    x[-1, 3] = tensor_amax
+    return x
+
+
+def test_block_scale_product_order():
+    _check(scale_order_sensitive_rows())
+
+
 @pytest.mark.parametrize("amax", [0.0, 1e-40, 1e-30, 1.0, 1e30, 3e38])
 def test_tensor_amax_extremes(amax):
     _check(torch.linspace(-1, 1, 64).reshape(2, 32) * amax)

@@ -354,12 +354,20 @@ def _as_2d_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x2, rows, k
 
 
-def _tile_shape(rows: int, k: int, block: tuple[int, int], hadamard: bool, stochastic: bool) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_K) for the quantize kernel: ~8K elements per program, multiples of the block shape."""
+#: Tile and warps of the quantize kernel on CUDA, (BLOCK_R, BLOCK_K, num_warps); tuned on the H100 with
+#: benchmarks/bench_kernels.py (override per call with ``_tile=`` when measuring).
+QUANTIZE_TILE_CUDA: tuple[int, int, int] = (32, 128, 4)
+
+
+def _tile_shape(rows: int, k: int, block: tuple[int, int], on_cuda: bool,
+                override: Optional[tuple[int, int, int]] = None) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, num_warps) of the quantize kernel, multiples of the block shape, no larger than
+    needed for small tensors (fewer interpreted programs on CPU)."""
     br, bc = block
-    block_k = max(bc, min(128, triton.next_power_of_2(k)))
-    block_r = max(br, min(64 if not stochastic else 32, triton.next_power_of_2(max(rows, 1))))
-    return block_r, block_k
+    tile_r, tile_k, warps = override or (QUANTIZE_TILE_CUDA if on_cuda else (32, 64, 4))
+    block_k = max(bc, 16, min(tile_k, triton.next_power_of_2(k)))
+    block_r = max(br, min(tile_r, triton.next_power_of_2(max(rows, 1))))
+    return block_r, block_k, warps
 
 
 def _int_arg(v: "int | torch.Tensor") -> int:
@@ -400,6 +408,8 @@ def quantize_triton(
     offset: "int | torch.Tensor" = 0,
     hadamard: bool = False,
     dequantized_dtype: Optional[torch.dtype] = None,
+    amax: Optional[torch.Tensor] = None,
+    _tile: Optional[tuple[int, int, int]] = None,
 ) -> "QuantizedTensor | tuple[QuantizedTensor, torch.Tensor]":
     """Quantize ``x`` along its last axis with Triton kernels, bit-exact with `quantize_reference`.
 
@@ -410,6 +420,8 @@ def quantize_triton(
 
     With ``dequantized_dtype`` (float16 or bfloat16) the same kernel also writes the exact unscaled operand
     ``E2M1[c] * d_b`` in the logical (rows, K) layout and the call returns ``(qt, operand)``.
+    ``amax``: the tensor amax (float32 0-dim, after the RHT where ``hadamard``) if already known, e.g. from
+    `tensor_amax_triton`; the reduction kernel is skipped. It must be exact for bit-exact results.
     """
     scale_kind = _scale_kind(fmt)
     if scale_kind is None or not x.is_cuda and not _interpreting():
@@ -434,9 +446,10 @@ def quantize_triton(
     deq = (torch.empty((rows, k), dtype=dequantized_dtype, device=device) if dequantized_dtype is not None
            else torch.empty(1, dtype=torch.float16, device=device))
     if rows and k:
-        amax_bits = _amax_bits(x2, rows, k, hadamard)
+        amax_bits = (_amax_bits(x2, rows, k, hadamard) if amax is None
+                     else amax.reshape(1).to(torch.float32).view(torch.int32))
         stochastic = rounding is Rounding.STOCHASTIC
-        block_r, block_k = _tile_shape(rows, k, block, hadamard, stochastic)
+        block_r, block_k, warps = _tile_shape(rows, k, block, x.is_cuda and not _interpreting(), _tile)
         num_tiles_k = triton.cdiv(k, block_k)
         grid = (triton.cdiv(rows, block_r) * num_tiles_k,)
         _quantize_kernel[grid](
@@ -445,7 +458,7 @@ def quantize_triton(
             HADAMARD=hadamard, STOCHASTIC=stochastic, SCALE_KIND=scale_kind, TENSOR_SCALE=fmt.tensor_scale,
             SCALE_MAX=float(fmt.scale_max), ENCODE_NUMERATOR=float(E2M1_MAX * fmt.scale_max),
             BLOCK_ROWS=br, BLOCK_COLS=bc, WRITE_DEQ=dequantized_dtype is not None,
-            BLOCK_R=block_r, BLOCK_K=block_k, SIGN_MASK=_RHT_NEG_MASK, num_warps=8 if block_r * block_k >= 8192 else 4,
+            BLOCK_R=block_r, BLOCK_K=block_k, SIGN_MASK=_RHT_NEG_MASK, num_warps=warps,
         )
     scale_shape = (*lead, k // bc) if br == 1 else (n_scales_r, k // bc)
     qt = QuantizedTensor(

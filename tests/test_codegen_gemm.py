@@ -1,0 +1,207 @@
+"""The Triton/cuBLAS NVFP4 GEMM paths against a float64 matmul of the exact dequantized operands.
+
+Tolerance (why): the operands ``E2M1[c] * d_b`` are exact in fp16, so the only errors are the FP32
+accumulation (at most about ``K * 2^-24 * sum_k |a_k b_k|`` for any summation order, tensor-core order
+included) and the roundings of alpha, ``C * alpha`` and the bias add (a few ``2^-24 |C|``). Each element must
+lie within ``2 K 2^-24 (|A_u| |B_u|^T) alpha + 4 * 2^-24 |C|`` (plus half an ulp of a 16-bit output dtype).
+On CPU the kernels run under ``TRITON_INTERPRET=1`` with float16 operands (the interpreter's bf16 is wrong).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import fp4compile  # noqa: E402
+from fp4compile.numerics.formats import NVFP4, Rounding  # noqa: E402
+from fp4compile.codegen import gemm as cg  # noqa: E402
+from fp4compile.codegen import quantize as cq  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PATHS = ["cublas_dequant", "triton_dequant", "triton_packed"]
+OUT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+if DEVICE == "cpu" and not isinstance(cg._gemm_kernel, triton.runtime.interpreter.InterpretedFunction):
+    pytest.skip("fp4compile.codegen was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+
+def _q(x, block=(1, 16), rounding=Rounding.NEAREST, hadamard=False, seed=0):
+    return cq.quantize_triton(x.to(DEVICE), NVFP4, block, rounding, seed, 0, hadamard)
+
+
+def check_against_float64(c, a, b, b_transposed, bias=None):
+    """Element-wise FP32-accumulation bound against the float64 product of the exact operands."""
+    m, n, k = cg.check_gemm_operands(a, b, b_transposed)
+    au = a.dequantize_unscaled().reshape(m, k).double().cpu()
+    bu = b.dequantize_unscaled().reshape(b.shape[-2], b.shape[-1]).double().cpu()
+    b_kn = bu if b_transposed else bu.t()
+    alpha = (a.per_tensor_scale * b.per_tensor_scale).double().cpu()
+    exact = (au @ b_kn) * alpha
+    if bias is not None:
+        exact = exact + bias.double().cpu()
+    magnitude = (au.abs() @ b_kn.abs()) * alpha
+    tol = 2 * k * 2.0**-24 * magnitude + 4 * 2.0**-24 * exact.abs()
+    if c.dtype in (torch.float16, torch.bfloat16):
+        tol = tol + exact.abs() * torch.finfo(c.dtype).eps / 2 + torch.finfo(c.dtype).smallest_normal
+    got = c.reshape(m, n).double().cpu()
+    assert got.shape == exact.shape
+    finite = torch.isfinite(exact)
+    assert torch.equal(torch.isnan(got), ~finite), "NaN pattern differs"
+    err = (got - exact).abs()[finite]
+    worst = (err / tol[finite]).max().item() if err.numel() else 0.0
+    assert worst <= 1.0, f"error {worst:.3g}x the FP32 accumulation bound"
+    rel = ((got - exact)[finite].norm() / exact[finite].norm()).item() if err.numel() else 0.0
+    return rel
+
+
+def _layouts(m, n, k):
+    """(a, b, b_transposed) for the three training GEMMs of a linear layer y = x W^T (x: (m, k), W: (n, k))."""
+    x = torch.randn(m, k) * 2
+    w = torch.randn(n, k) * torch.logspace(-1, 1, k)
+    dy = torch.randn(m, n) * 1e-3
+    qw = _q(w, block=(16, 16))
+    return {
+        "forward": (_q(x), qw, False),
+        "input_grad": (_q(dy, rounding=Rounding.STOCHASTIC, seed=3), qw, True),
+        "weight_grad": (_q(dy.t(), rounding=Rounding.STOCHASTIC, hadamard=True, seed=4), _q(x.t(), hadamard=True),
+                        False),
+    }
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("layout", ["forward", "input_grad", "weight_grad"])
+def test_three_layouts(path, layout):
+    a, b, bt = _layouts(48, 80, 64)[layout]
+    c = cg.gemm(a, b, bt, path=path)
+    assert c.dtype == torch.float32 and c.shape == (a.shape[0], b.shape[0] if not bt else b.shape[1])
+    assert check_against_float64(c, a, b, bt) < 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_bias_and_out_dtypes(path, out_dtype):
+    a, b, bt = _layouts(32, 48, 96)["forward"]
+    bias = torch.randn(48).to(DEVICE)
+    c = cg.gemm(a, b, bt, bias=bias, out_dtype=out_dtype, path=path)
+    assert c.dtype == out_dtype
+    check_against_float64(c, a, b, bt, bias)
+
+
+def test_matches_reference_gemm_and_leading_dims():
+    x = torch.randn(3, 10, 64)
+    w = torch.randn(32, 64)
+    a, b = _q(x), _q(w, block=(16, 16))
+    ref = fp4compile.numerics.gemm.gemm_reference(a, b)
+    for path in PATHS:
+        c = cg.gemm(a, b, path=path)
+        assert c.shape == (3, 10, 32)
+        torch.testing.assert_close(c.cpu(), ref.cpu(), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_operand_gives_nan_rows():
+    x = torch.randn(32, 64)
+    x[5, 20] = float("inf")
+    a, b = _q(x), _q(torch.randn(32, 64), block=(16, 16))
+    for path in PATHS:
+        c = cg.gemm(a, b, path=path).cpu()
+        assert torch.isnan(c[5]).all() and torch.isfinite(c[torch.arange(32) != 5]).all()
+
+
+@pytest.mark.parametrize("b_mode", ["packed", "dequantized"])
+@pytest.mark.parametrize("layout", ["forward", "input_grad"])
+def test_fused_quantize_gemm(b_mode, layout):
+    x = torch.randn(48, 64) * torch.logspace(-2, 2, 64)
+    if layout == "forward":
+        b, bt = _q(torch.randn(80, 64), block=(16, 16)), False
+    else:
+        b, bt = _q(torch.randn(64, 80), block=(16, 16)), True
+    b_deq = cq.dequantize_unscaled_triton(b, torch.float16) if b_mode == "dequantized" else None
+    bias = torch.randn(80).to(DEVICE)
+    c = cg.gemm_quantize_a(x.to(DEVICE), b, bt, bias=bias, b_dequantized=b_deq)
+    a = _q(x)  # the fused prologue must quantize exactly like quantize_triton
+    check_against_float64(c, a, b, bt, bias)
+    if DEVICE == "cpu":  # same tile loop and the same fp16 operand values: bit-identical to the two-step path
+        same_b_mode = "triton_packed" if b_mode == "packed" else "triton_dequant"
+        assert torch.equal(c, cg.gemm(a, b, bt, bias=bias, path=same_b_mode, b_dequantized=b_deq))
+    amax = cq.tensor_amax_triton(x.to(DEVICE))
+    assert torch.equal(c, cg.gemm_quantize_a(x.to(DEVICE), b, bt, bias=bias, b_dequantized=b_deq, amax=amax))
+
+
+def test_fused_prologue_is_bit_exact_quantization():
+    # An A whose exact product reveals any code error: B = identity blocks, so C = A_u * D_a * D_b exactly.
+    x = torch.randn(32, 64) * 3
+    x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2) * (2688 / 6 / 448)
+    from test_codegen_quantize import scale_order_sensitive_rows
+
+    x = torch.cat([x, scale_order_sensitive_rows(float(x.abs().max())).repeat(1, 4)])
+    x = x[: x.shape[0] // 16 * 16]
+    eye = torch.eye(64)
+    b = _q(eye, block=(16, 16))
+    c = cg.gemm_quantize_a(x.to(DEVICE), b).cpu()
+    a = _q(x)
+    expected = (a.dequantize_unscaled().reshape(-1, 64).cpu() * (b.dequantize_unscaled().cpu().diagonal())) * (
+        a.per_tensor_scale * b.per_tensor_scale).cpu()
+    assert torch.equal(c, expected)
+
+
+def test_dequantized_operands_passed_in():
+    a, b, bt = _layouts(32, 48, 64)["input_grad"]
+    a16 = cq.dequantize_unscaled_triton(a, torch.float16)
+    b16 = cq.dequantize_unscaled_triton(b, torch.float16)
+    c1 = cg.gemm(a, b, bt, path="triton_dequant", a_dequantized=a16, b_dequantized=b16)
+    c2 = cg.gemm(a, b, bt, path="triton_dequant")
+    assert torch.equal(c1, c2)
+
+
+def test_path_choice_and_fallbacks():
+    assert cg.choose_gemm_path(8192, 768, 768) in cg.GEMM_PATHS
+    assert cg.choose_gemm_path(64, 64, 64, fmt=fp4compile.MXFP4) == "reference"
+    x = torch.randn(16, 64)
+    a = fp4compile.quantize(x.to(DEVICE), "mxfp4", impl="triton")
+    b = fp4compile.quantize(torch.randn(32, 64).to(DEVICE), "mxfp4", impl="triton")
+    c = cg.gemm(a, b)  # MXFP4: reference path (logged)
+    torch.testing.assert_close(c.cpu(), fp4compile.numerics.gemm.gemm_reference(a, b).cpu())
+    with pytest.raises(ValueError, match="unknown path"):
+        cg.gemm(_q(x), _q(torch.randn(32, 64)), path="magic")
+
+
+# --- full sizes on the GPU -----------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mnk", [(8192, 3072, 768), (8192, 768, 3072), (3000, 2304, 768)])
+@pytest.mark.parametrize("layout", ["forward", "input_grad", "weight_grad"])
+def test_full_size_layouts_on_gpu(mnk, layout):
+    m, n, k = mnk
+    a, b, bt = _layouts(m, n, k)[layout]
+    for path in PATHS:
+        c = cg.gemm(a, b, bt, bias=torch.randn(c_n := (b.shape[1] if bt else b.shape[0]), device="cuda"),
+                    out_dtype=torch.bfloat16, path=path)
+        assert c.shape[-1] == c_n
+        c = cg.gemm(a, b, bt, path=path)
+        assert check_against_float64(c, a, b, bt) < 1e-5, path
+
+
+@pytest.mark.gpu
+def test_full_size_8192_cubed_and_odd_leading_shape():
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    a, b = _q(x), _q(w, block=(16, 16))
+    for path in PATHS:
+        assert check_against_float64(cg.gemm(a, b, path=path), a, b, False) < 1e-5, path
+    check_against_float64(cg.gemm_quantize_a(x, b), a, b, False)
+    x3 = torch.randn(3, 1000, 768, device="cuda", dtype=torch.bfloat16)
+    w3 = torch.randn(2304, 768, device="cuda", dtype=torch.bfloat16)
+    a3, b3 = _q(x3), _q(w3, block=(16, 16))
+    for path in PATHS:
+        c = cg.gemm(a3, b3, path=path)
+        assert c.shape == (3, 1000, 2304)
+        assert check_against_float64(c, a3, b3, False) < 1e-5, path
+    c = cg.gemm_quantize_a(x3, b3)
+    assert c.shape == (3, 1000, 2304)
+    check_against_float64(c, a3, b3, False)
