@@ -4,91 +4,21 @@ RoPE)."""
 
 from __future__ import annotations
 
-import math
+import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Conv1D(nn.Module):
-    """GPT-2's linear layer: weight stored (in, out), applied with addmm."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.nf,)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import gpt as _gpt  # noqa: E402  (the example's model: one GPT definition for examples and tests)
 
 
-def _linear(d_in, d_out, conv1d, bias=True):
-    return Conv1D(d_out, d_in) if conv1d else nn.Linear(d_in, d_out, bias=bias)
-
-
-class Attention(nn.Module):
-    def __init__(self, d, n_head, explicit, conv1d):
-        super().__init__()
-        self.n_head, self.explicit = n_head, explicit
-        self.c_attn = _linear(d, 3 * d, conv1d)
-        self.c_proj = _linear(d, d, conv1d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
-        if self.explicit:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
-            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-            y = att @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class MLP(nn.Module):
-    def __init__(self, d, conv1d):
-        super().__init__()
-        self.c_fc = _linear(d, 4 * d, conv1d)
-        self.c_proj = _linear(4 * d, d, conv1d)
-
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
-
-
-class Block(nn.Module):
-    def __init__(self, d, n_head, explicit, conv1d):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, n_head, explicit, conv1d)
-        self.mlp = MLP(d, conv1d)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab=64, d=32, n_layer=4, n_head=2, block_size=32, explicit=False, conv1d=False):
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab, d), wpe=nn.Embedding(block_size, d),
-            h=nn.ModuleList([Block(d, n_head, explicit, conv1d) for _ in range(n_layer)]), ln_f=nn.LayerNorm(d),
-        ))
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied
-
-    def forward(self, idx, targets):
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+def GPT(vocab=64, d=32, n_layer=4, n_head=2, block_size=32, explicit=False, conv1d=False) -> nn.Module:
+    """The example GPT (examples/gpt.py) at test size."""
+    return _gpt.GPT(_gpt.GPTConfig(vocab, block_size, n_layer, n_head, d, explicit, conv1d))
 
 
 class RMSNorm(nn.Module):

@@ -18,6 +18,7 @@ from ..numerics.api import quantize as _quantize
 from ..numerics.gemm import gemm_reference
 from ..numerics.qtensor import QuantizedTensor
 from ..policy.precision import OperandPrecision
+from .observe import current_observer
 
 __all__ = ["quantize_operand", "gemm_operands", "to_quantized_tensor"]
 
@@ -45,20 +46,26 @@ def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("fp4compile::quantize", mutates_args=())
-def quantize_operand(x: torch.Tensor, operand: str, seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_operand(
+    x: torch.Tensor, operand: str, seed: Optional[torch.Tensor], label: str = ""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` along its last axis as ``operand`` says; returns (packed codes, block scales as raw bytes,
     tensor scale).
 
     ``seed`` (an int64 0-dim tensor) keys stochastic rounding; each call draws a fresh seed, so the Philox
-    offset is 0.
+    offset is 0. ``label`` (``"<module>:<role>:<operand>"``) names the operand for observers
+    (`fp4compile.ops.observe`).
     """
     op = OperandPrecision.decode(operand)
     qt = _quantize(x, op.format, op.block, op.rounding, seed if seed is not None else 0, 0, op.hadamard)
+    observer = current_observer()
+    if observer is not None:
+        observer(label, x, qt)
     return qt.qdata, _scale_bytes(qt.scale), qt.per_tensor_scale
 
 
 @quantize_operand.register_fake
-def _quantize_operand_fake(x, operand, seed):
+def _quantize_operand_fake(x, operand, seed, label=""):
     op = OperandPrecision.decode(operand)
     qdata = x.new_empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8)
     scale = x.new_empty(_scale_shape(tuple(x.shape), op), dtype=_scale_wire_dtype(op))

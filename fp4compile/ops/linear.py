@@ -41,8 +41,8 @@ def _seed_for(op: OperandPrecision, device: torch.device) -> Optional[torch.Tens
     return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
 
 
-def _quantize(x: torch.Tensor, op: OperandPrecision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device))
+def _quantize(x: torch.Tensor, op: OperandPrecision, label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device), label)
 
 
 def _gemm(a, b, precision: GemmPrecision, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
@@ -77,7 +77,7 @@ class Fp4LinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with each of its three GEMMs at the precision ``cfg`` gives."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cfg: LinearPrecision, out_dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, cfg: LinearPrecision, out_dtype: torch.dtype, site: str):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         fwd = cfg.forward
@@ -85,11 +85,11 @@ class Fp4LinearFunction(torch.autograd.Function):
         if fwd.is_high:
             y = F.linear(x2, weight, bias).to(out_dtype)
         else:
-            q_x = _quantize(x2, fwd.lhs)
-            q_weight = _quantize(weight, fwd.rhs)
+            q_x = _quantize(x2, fwd.lhs, f"{site}:forward:lhs")
+            q_weight = _quantize(weight, fwd.rhs, f"{site}:forward:rhs")
             y = _gemm(q_x, q_weight, fwd, False, bias, out_dtype)
 
-        ctx.cfg, ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = cfg, x.shape, x.dtype, weight.dtype
+        ctx.cfg, ctx.site, ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = cfg, site, x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.reuse_weight = _reuses_forward_weight(cfg)
@@ -100,7 +100,7 @@ class Fp4LinearFunction(torch.autograd.Function):
             saved.append(x2)
         else:
             padded = _pad_rows(x2, _token_multiple(wgrad))
-            saved += list(_quantize(padded.t(), wgrad.rhs))
+            saved += list(_quantize(padded.t(), wgrad.rhs, f"{site}:weight_grad:rhs"))
         ctx.save_for_backward(*saved)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -119,11 +119,11 @@ class Fp4LinearFunction(torch.autograd.Function):
             if dgrad.is_high:
                 dx = (dy2 @ weight_parts[0].to(dy2.dtype)).to(ctx.x_dtype)
             else:
-                q_dy = _quantize(dy2, dgrad.lhs)
+                q_dy = _quantize(dy2, dgrad.lhs, f"{ctx.site}:input_grad:lhs")
                 if ctx.reuse_weight:
                     dx = _gemm(q_dy, weight_parts, dgrad, True, None, ctx.x_dtype)
                 else:
-                    q_wt = _quantize(weight_parts[0].t(), dgrad.rhs)
+                    q_wt = _quantize(weight_parts[0].t(), dgrad.rhs, f"{ctx.site}:input_grad:rhs")
                     dx = _gemm(q_dy, q_wt, dgrad, False, None, ctx.x_dtype)
             dx = dx.reshape(ctx.x_shape)
 
@@ -132,30 +132,31 @@ class Fp4LinearFunction(torch.autograd.Function):
             if wgrad.is_high:
                 dw = (dy2.t() @ act_parts[0].to(dy2.dtype)).to(ctx.weight_dtype)
             else:
-                q_dyt = _quantize(_pad_rows(dy2, _token_multiple(wgrad)).t(), wgrad.lhs)
+                q_dyt = _quantize(_pad_rows(dy2, _token_multiple(wgrad)).t(), wgrad.lhs, f"{ctx.site}:weight_grad:lhs")
                 dw = _gemm(q_dyt, act_parts, wgrad, False, None, ctx.weight_dtype)
 
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def fp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str,
-               out_dtype: torch.dtype) -> torch.Tensor:
+               out_dtype: torch.dtype, site: str = "") -> torch.Tensor:
     """``x @ weight.T + bias`` with the per-role precisions encoded in ``precision``
-    (`LinearPrecision.encode`), returned in ``out_dtype``.
+    (`LinearPrecision.encode`), returned in ``out_dtype``; ``site`` (the module path) labels the operands.
 
     Without autograd (``torch.no_grad()``, inference graphs) only the forward GEMM runs, and it rounds to
     nearest whatever the policy says, so evaluation is deterministic.
     """
     cfg = LinearPrecision.decode(precision)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return Fp4LinearFunction.apply(x, weight, bias, cfg, out_dtype)
+        return Fp4LinearFunction.apply(x, weight, bias, cfg, out_dtype, site)
     fwd = cfg.forward
     if fwd.is_high:
         return F.linear(x, weight, bias).to(out_dtype)
     lhs = OperandPrecision(fwd.lhs.format, fwd.lhs.block, Rounding.NEAREST, fwd.lhs.hadamard)
     rhs = OperandPrecision(fwd.rhs.format, fwd.rhs.block, Rounding.NEAREST, fwd.rhs.hadamard)
     x2 = x.reshape(-1, x.shape[-1])
-    y = _gemm(_quantize(x2, lhs), _quantize(weight, rhs), GemmPrecision(lhs, rhs), False, bias, out_dtype)
+    q_x, q_w = _quantize(x2, lhs, f"{site}:forward:lhs"), _quantize(weight, rhs, f"{site}:forward:rhs")
+    y = _gemm(q_x, q_w, GemmPrecision(lhs, rhs), False, bias, out_dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,6 +1,6 @@
 """Pass: replace every GEMM site with at least one FP4 role by a call to `fp4_linear`.
 
-Reads: ``node.meta[MATCH]``, ``node.meta[DECISIONS]``, ``"example_value"``. Writes: a new ``fp4_linear`` node
+Reads: ``node.meta[MATCH]``, ``node.meta[SITE]``, ``node.meta[DECISIONS]``, ``"example_value"``. Writes: a new ``fp4_linear`` node
 carrying the old node's meta plus ``node.meta[PRECISION]`` (the encoded `LinearPrecision`); the old node,
 and a transpose of the weight that only it used, are erased. Sites that stay high precision in all three
 roles are left exactly as the model wrote them.
@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from ..ops.linear import fp4_linear
 from ..policy.precision import LinearPrecision, Role
-from .meta import DECISIONS, MATCH, PRECISION
+from .meta import DECISIONS, MATCH, PRECISION, SITE
 
 __all__ = ["rewrite_gemms"]
 
@@ -32,7 +32,8 @@ def rewrite_gemms(gm: fx.GraphModule) -> fx.GraphModule:
             weight = match.weight
             if match.weight_is_kn:
                 weight = graph.call_function(torch.t, (match.weight,))
-            new = graph.call_function(fp4_linear, (match.x, weight, match.bias, precision.encode(), out_dtype))
+            site = node.meta[SITE].module
+            new = graph.call_function(fp4_linear, (match.x, weight, match.bias, precision.encode(), out_dtype, site))
         new.meta = dict(node.meta)
         new.meta[PRECISION] = precision.encode()
         old_inputs = list(node.all_input_nodes)

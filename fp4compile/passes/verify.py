@@ -1,7 +1,7 @@
 """The graph verifier: structural invariants that must hold after every pass (tests run it after each one).
 
 Checks: FX's own lint (every use defined before it, one output); every `GemmSite` has its `GemmMatch`;
-decisions, where present, cover the three roles with `Decision` objects; every ``fp4_linear`` call has five
+decisions, where present, cover the three roles with `Decision` objects; every ``fp4_linear`` call has six
 arguments, a decodable precision, a dtype and a 2D weight.
 """
 
@@ -40,9 +40,9 @@ def verify_graph(gm: fx.GraphModule, after: str = "?") -> None:
             if not all(isinstance(d, Decision) and d.reason for d in decisions.values()):
                 _fail(after, node, "every decision needs a precision and a reason")
         if node.op == "call_function" and node.target is fp4_linear:
-            if len(node.args) != 5:
-                _fail(after, node, f"fp4_linear takes 5 arguments, got {len(node.args)}")
-            x, weight, bias, precision, out_dtype = node.args
+            if len(node.args) != 6:
+                _fail(after, node, f"fp4_linear takes 6 arguments, got {len(node.args)}")
+            x, weight, bias, precision, out_dtype, site = node.args
             try:
                 LinearPrecision.decode(precision)
             except Exception as exc:
