@@ -48,7 +48,9 @@ class ReferenceFakeQuantLinear(torch.autograd.Function):
         cfg = ctx.cfg
         dy2 = dy.reshape(-1, dy.shape[-1])
         d, g = cfg.input_grad, cfg.weight_grad
-        if d.is_high:
+        if not ctx.needs_input_grad[0]:
+            dx = None  # no input gradient wanted: the GEMM (and its random draws) never runs
+        elif d.is_high:
             dx = dy2 @ w
         else:
             q_dy = _q(dy2, d.lhs)
@@ -61,7 +63,7 @@ class ReferenceFakeQuantLinear(torch.autograd.Function):
         else:
             dw = gemm_reference(_q(_pad(dy2, 16).t(), g.lhs), ctx.qxt, out_dtype=w.dtype)
         db = dy2.sum(0) if ctx.has_bias else None
-        return dx.reshape(ctx.shape), dw, db, None
+        return (dx.reshape(ctx.shape) if dx is not None else None), dw, db, None
 
 
 def swap_in_reference(model: torch.nn.Module, precisions: dict[str, LinearPrecision]) -> torch.nn.Module:

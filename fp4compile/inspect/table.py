@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from ..passes.meta import DECISIONS, SITE, UNSUPPORTED
 from ..passes.find_gemms import module_path
+from ..passes.subgraphs import all_graph_modules
 from ..policy.precision import Role
 
 __all__ = ["TableRow", "precision_table", "rows_to_json", "rows_to_markdown"]
@@ -42,7 +43,7 @@ def precision_table(annotated: fx.GraphModule, graph: str = "") -> list[TableRow
     """Rows for every weight GEMM of a graph annotated by the pass pipeline, including those left in high
     precision because they could not be rewritten."""
     rows: list[TableRow] = []
-    for node in annotated.graph.nodes:
+    for node in (n for g in all_graph_modules(annotated) for n in g.graph.nodes):
         site = node.meta.get(SITE)
         decisions = node.meta.get(DECISIONS)
         if site is not None and decisions is not None:

@@ -18,6 +18,7 @@ from typing import Optional
 import torch.fx as fx
 
 from .meta import SITE
+from .subgraphs import all_graph_modules
 
 __all__ = ["annotate_layers", "block_index"]
 
@@ -32,7 +33,8 @@ def block_index(module: str) -> Optional[tuple[str, int]]:
 
 
 def annotate_layers(gm: fx.GraphModule) -> fx.GraphModule:
-    nodes = [n for n in gm.graph.nodes if SITE in n.meta]
+    nodes = sorted((n for g in all_graph_modules(gm) for n in g.graph.nodes if SITE in n.meta),
+                   key=lambda n: n.meta[SITE].position)
     indices: dict[str, set[int]] = collections.defaultdict(set)
     for node in nodes:
         found = block_index(node.meta[SITE].module)

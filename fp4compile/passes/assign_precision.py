@@ -10,13 +10,14 @@ import torch.fx as fx
 from ..policy.precision import HIGH, Decision, Role
 from ..policy.recipe import Policy
 from ..policy.schedule import FP4_PHASE, Phase
+from .subgraphs import all_graph_modules
 from .meta import DECISIONS, SITE
 
 __all__ = ["assign_precision"]
 
 
 def assign_precision(gm: fx.GraphModule, policy: Policy, phase: Phase = FP4_PHASE) -> fx.GraphModule:
-    for node in gm.graph.nodes:
+    for node in (n for g in all_graph_modules(gm) for n in g.graph.nodes):
         site = node.meta.get(SITE)
         if site is None:
             continue

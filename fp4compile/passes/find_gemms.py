@@ -12,6 +12,7 @@ or an ``(K, N)`` weight itself as in GPT-2's ``Conv1D``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import operator
 import re
 from typing import Any, Optional, Sequence
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ..policy.site import GemmSite
 from .meta import MATCH, SITE, UNSUPPORTED
+from .subgraphs import SUPPORTED_HIGHER_ORDER_OPS, examples_by_node, nested_body, operand_examples
 
 __all__ = ["GemmMatch", "find_gemm_sites", "module_path"]
 
@@ -167,10 +169,25 @@ def _parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.No
 
 
 def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.GraphModule:
-    """Annotate every weight GEMM of ``gm`` with its `GemmMatch` and `GemmSite` (see the module docstring)."""
+    """Annotate every weight GEMM of ``gm`` and of the checkpoint regions it holds with its `GemmMatch` and
+    `GemmSite` (see the module docstring). Weight GEMMs inside other higher-order ops are reported as
+    unsupported on the op's node."""
+    _find(gm, example_inputs, itertools.count())
+    return gm
+
+
+def _find(gm: fx.GraphModule, example_inputs: Sequence[Any], positions: "itertools.count[int]") -> None:
     params = _parameters(gm, example_inputs)
-    position = 0
+    examples = examples_by_node(gm, example_inputs)
     for node in gm.graph.nodes:
+        nested = nested_body(gm, node)
+        if nested is not None:
+            name, body = nested
+            if name in SUPPORTED_HIGHER_ORDER_OPS:
+                _find(body, operand_examples(node, name, examples), positions)
+            elif any(_match(n, _parameters(body, [None] * len(body.graph.nodes))) for n in body.graph.nodes):
+                node.meta[UNSUPPORTED] = f"weight GEMMs inside higher-order op {name!r} are not rewritten"
+            continue
         if node.op not in ("call_function", "call_method"):
             continue
         found = _match(node, params)
@@ -198,7 +215,5 @@ def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Gra
             input_shape=tuple(str(s) for s in x_val.shape),
             dtype=str(x_val.dtype),
             trainable=bool(weight.requires_grad),
-            position=position,
+            position=next(positions),
         )
-        position += 1
-    return gm

@@ -20,6 +20,7 @@ import torch.fx as fx
 from ..numerics.hadamard import HADAMARD_SIZE
 from ..policy.precision import HIGH, Decision, GemmPrecision, OperandPrecision, Role
 from ..policy.site import GemmSite
+from .subgraphs import all_graph_modules
 from .meta import DECISIONS, SITE
 
 __all__ = ["legalize_precision", "illegal_reason"]
@@ -62,7 +63,7 @@ def illegal_reason(site: GemmSite, role: Role, precision: GemmPrecision) -> Opti
 
 
 def legalize_precision(gm: fx.GraphModule) -> fx.GraphModule:
-    for node in gm.graph.nodes:
+    for node in (n for g in all_graph_modules(gm) for n in g.graph.nodes):
         decisions = node.meta.get(DECISIONS)
         if decisions is None:
             continue

@@ -19,6 +19,7 @@ from .assign_precision import assign_precision
 from .find_gemms import find_gemm_sites
 from .legalize import legalize_precision
 from .rewrite import rewrite_gemms
+from .subgraphs import copy_nested_bodies
 from .verify import verify_graph
 
 __all__ = ["PassResult", "run_passes", "copy_graph_module"]
@@ -44,6 +45,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(out)
     copy = fx.GraphModule(gm, graph)
     copy.meta = dict(getattr(gm, "meta", {}))
+    copy_nested_bodies(copy, copy_graph_module)
     return copy
 
 

@@ -14,11 +14,18 @@ import torch.fx as fx
 from ..ops.linear import fp4_linear
 from ..policy.precision import LinearPrecision, Role
 from .meta import DECISIONS, MATCH, PRECISION, SITE
+from .subgraphs import all_graph_modules
 
 __all__ = ["rewrite_gemms"]
 
 
 def rewrite_gemms(gm: fx.GraphModule) -> fx.GraphModule:
+    for graph_module in all_graph_modules(gm):
+        _rewrite(graph_module)
+    return gm
+
+
+def _rewrite(gm: fx.GraphModule) -> None:
     graph = gm.graph
     for node in list(graph.nodes):
         decisions = node.meta.get(DECISIONS)
@@ -43,4 +50,3 @@ def rewrite_gemms(gm: fx.GraphModule) -> fx.GraphModule:
             if old.op in ("call_function", "call_method") and not old.users:
                 graph.erase_node(old)
     gm.recompile()
-    return gm

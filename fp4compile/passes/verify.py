@@ -13,6 +13,7 @@ import torch.fx as fx
 from ..ops.linear import fp4_linear
 from ..policy.precision import Decision, LinearPrecision, Role
 from .meta import DECISIONS, MATCH, PRECISION, SITE
+from .subgraphs import all_graph_modules
 
 __all__ = ["verify_graph", "GraphVerificationError"]
 
@@ -26,6 +27,11 @@ def _fail(after: str, node: fx.Node, what: str) -> None:
 
 
 def verify_graph(gm: fx.GraphModule, after: str = "?") -> None:
+    for graph_module in all_graph_modules(gm):
+        _verify(graph_module, after)
+
+
+def _verify(gm: fx.GraphModule, after: str) -> None:
     try:
         gm.graph.lint()
     except Exception as exc:  # FX raises RuntimeError for malformed graphs
