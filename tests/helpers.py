@@ -8,7 +8,7 @@ import torch
 
 import fp4compile
 from fp4compile.policy.precision import LinearPrecision, Role
-from reference_linear import swap_in_reference
+from fp4compile.testing import swap_in_reference
 
 
 def batch(vocab=64, b=2, t=32, seed=0):

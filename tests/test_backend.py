@@ -24,7 +24,7 @@ from fp4compile.policy.precision import HIGH, GemmPrecision, LinearPrecision, Op
 from fp4compile.recipes import nv_recipe_precisions
 from helpers import batch, compiled_step, reference_step
 from models import GPT, Llama
-from reference_linear import swap_in_reference
+from fp4compile.testing import swap_in_reference
 
 NV = LinearPrecision(*nv_recipe_precisions())
 GPT_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

@@ -18,7 +18,7 @@ from fp4compile.policy.precision import LinearPrecision
 from fp4compile.recipes import nv_recipe_precisions
 from helpers import batch
 from models import GPT
-from reference_linear import swap_in_reference
+from fp4compile.testing import swap_in_reference
 
 NV = LinearPrecision(*nv_recipe_precisions())
 ALL_LAYERS = fp4compile.recipes.nvfp4(high_precision_first_blocks=0, high_precision_last_blocks=0)

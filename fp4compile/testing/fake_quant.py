@@ -1,9 +1,15 @@
-"""The eager reference: fake-quantized linear layers swapped into a model, built only from the public
-quantizer (`fp4compile.quantize`, reference implementation) and the reference GEMM. The compiled backend must
-reproduce it. Seeds for stochastic rounding are drawn from torch's generator in the order the recipe's
-operands are quantized: forward (x, W, then x^T for the weight gradient), backward (dy, [W^T], dy^T)."""
+"""The eager reference: fake-quantized linear layers swapped into a model (the classic module-swap way of
+emulating FP4 training), built only from the public quantizer (`fp4compile.quantize`, reference
+implementation) and the reference GEMM.
+
+The compiled backend must reproduce it (tests), and it is the "plain-PyTorch fake quantization" baseline of
+the benchmarks. Seeds for stochastic rounding are drawn from torch's generator in the order the backend's
+operands are quantized: forward (x, W, then x^T for the weight gradient), backward (dy, [W^T], dy^T).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +19,20 @@ from fp4compile.numerics.gemm import gemm_reference
 from fp4compile.policy.precision import LinearPrecision, OperandPrecision, Rounding
 
 
+__all__ = ["ReferenceFakeQuantLinear", "swap_in_reference"]
+
+
 def _q(x, op: OperandPrecision):
     seed = 0
     if op.rounding is Rounding.STOCHASTIC:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
     return fp4compile.quantize(x, op.format, op.block, op.rounding, seed, 0, op.hadamard, impl="reference")
+
+
+def _token_multiple(g) -> int:
+    """Weight-gradient operands are zero-padded along tokens to a whole number of blocks (and of 16-runs for
+    the Hadamard transform)."""
+    return math.lcm(g.lhs.format.block_size, 16 if (g.lhs.hadamard or g.rhs.hadamard) else 1)
 
 
 def _pad(x2, multiple):
@@ -38,7 +53,7 @@ class ReferenceFakeQuantLinear(torch.autograd.Function):
         ctx.cfg, ctx.shape, ctx.has_bias = cfg, x.shape, b is not None
         ctx.qw = qw if not f.is_high else None
         g = cfg.weight_grad
-        ctx.qxt = None if g.is_high else _q(_pad(x2, 16).t(), g.rhs)
+        ctx.qxt = None if g.is_high else _q(_pad(x2, _token_multiple(g)).t(), g.rhs)
         ctx.save_for_backward(x2, w)
         return y.reshape(*x.shape[:-1], -1)
 
@@ -61,7 +76,7 @@ class ReferenceFakeQuantLinear(torch.autograd.Function):
         if g.is_high:
             dw = dy2.t() @ x2
         else:
-            dw = gemm_reference(_q(_pad(dy2, 16).t(), g.lhs), ctx.qxt, out_dtype=w.dtype)
+            dw = gemm_reference(_q(_pad(dy2, _token_multiple(g)).t(), g.lhs), ctx.qxt, out_dtype=w.dtype)
         db = dy2.sum(0) if ctx.has_bias else None
         return (dx.reshape(ctx.shape) if dx is not None else None), dw, db, None
 

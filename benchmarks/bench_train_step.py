@@ -1,0 +1,153 @@
+"""Training-step time and memory of fp4compile against BF16 baselines, measured side by side in one run.
+
+    python benchmarks/bench_train_step.py                       # GPT-2 small, all modes
+    python benchmarks/bench_train_step.py --models small gpt2-medium llama --modes inductor-bf16 fp4
+
+Modes: ``eager-bf16``; ``inductor-bf16`` (torch.compile); ``fakequant-eager`` and ``fakequant-compiled`` (the
+NV recipe as plain-PyTorch fake quantization: fp4compile.testing's module swap, eager and under
+torch.compile); ``fp4`` (``backend="fp4"``, the NV recipe). Every model has bf16 parameters and a fused AdamW.
+Per mode: median step time over ``--steps`` steps after ``--warmup`` (CUDA events around each whole step),
+tokens/s, peak memory, compile time (the warm-up steps), and the ratio to inductor-bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from gpt import GPT, GPTConfig  # noqa: E402
+from llama import Llama, LlamaConfig  # noqa: E402
+
+import fp4compile  # noqa: E402
+from fp4compile.policy.precision import LinearPrecision  # noqa: E402
+from fp4compile.testing import swap_in_reference  # noqa: E402
+
+MODELS = {
+    # name: (constructor, batch, sequence length)
+    "gpt2-small": (lambda: GPT(GPTConfig(50304, 1024, 12, 12, 768)), 8, 1024),
+    "gpt2-medium": (lambda: GPT(GPTConfig(50304, 1024, 24, 16, 1024)), 8, 1024),
+    "llama": (lambda: Llama(LlamaConfig(32000, 1024, 16, 16, 2816)), 8, 1024),
+    "small": (lambda: GPT(GPTConfig(256, 256, 6, 6, 384)), 64, 256),
+}
+MODES = ("eager-bf16", "inductor-bf16", "fakequant-eager", "fakequant-compiled", "fp4")
+
+
+def _fake_quant_precisions(model: torch.nn.Module, recipe) -> dict[str, LinearPrecision]:
+    """The NV recipe's choices for module-swap fake quantization: block linears, first and last block kept."""
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.layers
+    n = len(blocks)
+    cfg = LinearPrecision(recipe.forward, recipe.input_grad, recipe.weight_grad)
+    out = {}
+    prefix = "transformer.h" if hasattr(model, "transformer") else "layers"
+    for i in range(recipe.high_precision_first_blocks, n - recipe.high_precision_last_blocks):
+        for name, mod in blocks[i].named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                out[f"{prefix}.{i}.{name}"] = cfg
+    return out
+
+
+def build(model_name: str, mode: str, device: str):
+    make, batch, seq = MODELS[model_name]
+    torch.manual_seed(0)
+    model = make().to(device=device, dtype=torch.bfloat16)
+    if mode.startswith("fakequant"):
+        swap_in_reference(model, _fake_quant_precisions(model, fp4compile.recipes.nvfp4()))
+    if mode in ("inductor-bf16", "fakequant-compiled"):
+        step_model = torch.compile(model)
+    elif mode == "fp4":
+        step_model = torch.compile(model, backend=fp4compile.backend(policy=fp4compile.recipes.nvfp4()))
+    else:
+        step_model = model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    return model, step_model, opt, batch, seq
+
+
+def run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -> dict:
+    model, step_model, opt, batch, seq = build(model_name, mode, device)
+    vocab = model.lm_head.out_features if hasattr(model, "lm_head") else model.output.out_features
+    gen = torch.Generator(device=device).manual_seed(0)
+    inputs = [(torch.randint(0, vocab, (batch, seq), device=device, generator=gen),
+               torch.randint(0, vocab, (batch, seq), device=device, generator=gen)) for _ in range(4)]
+
+    def step(i):
+        loss = step_model(*inputs[i % len(inputs)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        loss = step(i)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = step(i)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms = statistics.median(times)
+    result = dict(model=model_name, mode=mode, step_ms=ms, step_ms_min=min(times), step_ms_max=max(times),
+                  tokens_per_s=batch * seq / (ms / 1e3), peak_gib=peak, compile_s=compile_s,
+                  final_loss=float(loss), finite=bool(torch.isfinite(loss)))
+    del model, step_model, opt, inputs
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["gpt2-small"], choices=sorted(MODELS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train_step.json"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_train_step needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    for model_name in args.models:
+        for mode in args.modes:
+            steps = max(3, args.steps // 4) if mode == "fakequant-eager" else args.steps
+            try:
+                r = run_mode(model_name, mode, steps, args.warmup, "cuda")
+            except Exception as exc:  # report and go on: one failing mode must not hide the others
+                r = dict(model=model_name, mode=mode, error=f"{type(exc).__name__}: {exc}"[:300])
+                torch._dynamo.reset()
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
+          f"{__import__('triton').__version__}")
+    print(f"{'model':12s} {'mode':20s} {'step ms':>9s} {'x ind-bf16':>10s} {'tok/s':>10s} {'peak GiB':>9s} {'compile s':>9s}")
+    base = {r["model"]: r["step_ms"] for r in results if r.get("mode") == "inductor-bf16" and "step_ms" in r}
+    for r in results:
+        if "error" in r:
+            print(f"{r['model']:12s} {r['mode']:20s} ERROR {r['error']}")
+            continue
+        ratio = r["step_ms"] / base[r["model"]] if r["model"] in base else float("nan")
+        print(f"{r['model']:12s} {r['mode']:20s} {r['step_ms']:9.2f} {ratio:10.2f} {r['tokens_per_s']:10.0f} "
+              f"{r['peak_gib']:9.2f} {r['compile_s']:9.1f}")
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
