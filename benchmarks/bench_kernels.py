@@ -110,7 +110,8 @@ def bench_quantize(rows: int, cols: int, tiles: bool) -> list[dict]:
     out = []
     tile_options = [None]
     if tiles:
-        tile_options = [(32, 128, 4), (64, 128, 8), (32, 256, 8), (16, 256, 4), (64, 64, 4), (128, 64, 8)]
+        tile_options = [(32, 128, 4), (16, 256, 4), (64, 64, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8),
+                        (8, 256, 2), (16, 128, 2), (32, 64, 2), (64, 128, 8), (128, 64, 8)]
     for name, v in variants.items():
         nbytes = base_bytes
         if "scale_bytes" in v:
@@ -264,6 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer GEMM shapes")
     parser.add_argument("--tiles", action="store_true", help="sweep quantize tile shapes")
+    parser.add_argument("--quantize-only", action="store_true", help="skip the GEMM part")
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -289,6 +291,16 @@ def main() -> None:
               f"{1e3 * r['ms_quantize_pass']:14.1f} {r['tbps_quantize_pass']:6.2f} {1e3 * r['ms_amax_pass']:8.1f}",
               flush=True)
 
+    for key, kern in (("quantize", cq._quantize_kernel), ("amax", cq._amax_kernel)):
+        try:
+            for caches in kern.device_caches.values():
+                for variant in caches[0].values():
+                    print(f"  compiled {key}: {variant.n_regs} registers, {variant.n_spills} spills, "
+                          f"{variant.metadata.num_warps} warps")
+        except Exception as exc:
+            print(f"  (no register report: {exc})")
+    if args.quantize_only:
+        return
     shapes = GEMM_SHAPES[:3] if args.quick else GEMM_SHAPES
     g = bench_gemm(shapes)
     for row in g:

@@ -275,10 +275,14 @@ def _launch_gemm(a_arg, sa, b_arg, sb, out, bias, d_a, d_b, amax_a, m, n, k, a_s
 # Path choice
 # ----------------------------------------------------------------------------------------------------------
 
-#: Measured on the H100 (benchmarks/bench_kernels.py, docs/benchmarks.md "Kernels (issue 5)"): the fastest
-#: path for operands already quantized, by (M, N, K) class. Shapes not listed use the rule in
-#: `choose_gemm_path`.
-MEASURED_PATH_TABLE: dict[tuple[int, int, int], str] = {}
+#: Measured on the H100 (benchmarks/bench_kernels.py, 2026-11-22, docs/benchmarks.md "Kernels (issue 5)"): the
+#: fastest path for operands already quantized, by (M, N, K). Everything else measured there, 8192^3 included,
+#: was fastest on "cublas_dequant", the default. Packed in-register dequantization and the fused quantize
+#: prologue lost everywhere (2-4x slower), so they are never chosen automatically.
+MEASURED_PATH_TABLE: dict[tuple[int, int, int], str] = {
+    (8192, 3072, 768): "triton_dequant",  # GPT-2 fc1 forward / fc2 input grad: 287 vs 259 TFLOP/s
+    (768, 3072, 8192): "triton_dequant",  # GPT-2 fc2 weight grad: 421 vs 348 TFLOP/s
+}
 
 
 @functools.lru_cache(maxsize=None)
