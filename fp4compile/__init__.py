@@ -6,6 +6,7 @@ role from a policy, rewrites the chosen GEMMs into quantized ops and hands the r
 
 from . import recipes, schedules
 from .capture import Fp4Backend, backend
+from .inspect.dump import dump
 from .numerics import (
     MXFP4,
     NVFP4,
@@ -33,6 +34,7 @@ __all__ = [
     "MXFP4",
     "backend",
     "Fp4Backend",
+    "dump",
     "recipes",
     "schedules",
     "StepCounter",

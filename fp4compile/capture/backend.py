@@ -162,6 +162,11 @@ class Fp4Backend:
                     f.write(code)
             with open(os.path.join(folder, "precision_table.json"), "w") as f:
                 f.write(json.dumps([r.to_dict() for r in report.rows], indent=1))
+        # --- fp4compile dump (issue 6): report.html and numerics; see fp4compile/inspect/dump.py ---
+        from ..inspect.dump import on_backend_dump
+
+        on_backend_dump(self)
+        # --- end fp4compile dump ---
 
 
 # The backend's registry: one instance per configuration, so repeated compiles share their reports.

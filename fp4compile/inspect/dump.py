@@ -1,0 +1,302 @@
+"""Producing a dump: what the compiler did to one training step, written to a folder.
+
+Three ways in:
+
+- ``fp4compile.dump(model, *example_inputs, out=dir)`` compiles ``model`` with the fp4 backend, runs one
+  training step (forward, then backward from the output, or from its sum if it is not a scalar) and writes
+  everything below, the ONNX model included;
+- ``FP4COMPILE_DUMP=dir python train.py`` around any script: the backend writes the tables and the code at
+  each compilation; a process-wide quantization observer measures the first quantization of every operand
+  (the first training step), and ``numerics.json``, the backward graphs and ``report.html`` are (re)written
+  when the process exits. No ONNX model on this path (the backend does not keep the graphs it compiled);
+- ``fp4compile dump run script.py [args...] --out dir`` runs a script the second way.
+
+The folder (docs/dump.md shows it with screenshots)::
+
+    precision_table.json / .md        one row per GEMM site and role (every graph, latest schedule phase)
+    numerics.json                     one entry per quantized operand label (fp4compile.inspect.numerics)
+    report.html                       self-contained: table, SQNR by layer index, graph drawings
+    model.onnx                        the rewritten forward graph (fp4compile.dump only; model_graph_<i>.onnx
+                                      per graph when Dynamo made several)
+    dump.json                         what produced the dump: versions, policy, inner compiler, files
+    graph_<i>/<phase>/pass_<j>_<name>.py    the graph before the passes (input) and after the rewrite
+    graph_<i>/<phase>/aot_forward.py / aot_backward.py / aot_inference.py   AOTAutograd's graphs
+    graph_<i>/<phase>/precision_table.json  that graph's rows
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import logging
+import os
+import weakref
+from typing import Any, Optional
+
+import torch
+
+from ..capture.backend import Fp4Backend
+from ..ops.observe import observe_quantization
+from ..passes.pipeline import run_passes
+from ..policy.recipe import Policy
+from ..policy.schedule import FP4_PHASE
+from .layout import MANIFEST, NUMERICS, ONNX_MODEL
+from .numerics import NumericsRecorder, OperandNumerics, numerics_to_json
+from .report import write_report
+from .table import TableRow
+
+__all__ = ["dump", "DumpResult", "on_backend_dump"]
+
+logger = logging.getLogger(__name__)
+
+# Backends created by `dump`: the hook in Fp4Backend._write_dump leaves them alone (dump writes the rest).
+_API_BACKENDS: "weakref.WeakSet[Fp4Backend]" = weakref.WeakSet()
+
+
+@dataclasses.dataclass
+class DumpResult:
+    """What `dump` wrote and measured.
+
+    Attributes:
+        out: the dump folder.
+        rows: the precision table (`Fp4Backend.rows` of the backend that compiled the step).
+        numerics: one entry per quantized operand, in the order of the step.
+        output: the step's output (detached).
+        onnx: paths of the ONNX models written.
+        onnx_error: why no ONNX model was written, if none was.
+        backend: the `Fp4Backend` that compiled the step.
+    """
+
+    out: str
+    rows: list[TableRow]
+    numerics: list[OperandNumerics]
+    output: Any
+    onnx: list[str]
+    onnx_error: Optional[str]
+    backend: Fp4Backend
+
+
+class _CapturingBackend:
+    """Delegates to an `Fp4Backend` and keeps each Dynamo graph with its example inputs (for ONNX)."""
+
+    __name__ = "fp4_dump"
+
+    def __init__(self, backend: Fp4Backend) -> None:
+        self.backend = backend
+        self.graphs: list[tuple[torch.fx.GraphModule, list]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
+        self.graphs.append((gm, list(example_inputs)))
+        return self.backend(gm, example_inputs, **kwargs)
+
+
+def _backprop_target(output: Any) -> Optional[torch.Tensor]:
+    """The scalar to call backward on: the output, its sum if it is not a scalar; the first tensor of a
+    tuple/list, or ``output["loss"]`` of a mapping."""
+    if isinstance(output, torch.Tensor):
+        tensor = output
+    elif isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
+        tensor = output["loss"]
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        tensor = output[0]
+    else:
+        raise TypeError(f"fp4compile.dump: the model must return a tensor, a tuple/list starting with one, or a "
+                        f"mapping with a 'loss' tensor; got {type(output).__name__}")
+    if not tensor.requires_grad:
+        return None
+    return tensor if tensor.dim() == 0 else tensor.sum()
+
+
+def _detach(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, (tuple, list)):
+        return type(output)(_detach(o) for o in output)
+    if isinstance(output, dict):
+        return {k: _detach(v) for k, v in output.items()}
+    return output
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _export_graphs(backend: Fp4Backend, graphs: list, out: str) -> tuple[list[str], Optional[str]]:
+    """Export every captured forward graph to ONNX; returns the paths and the first error, if any."""
+    try:
+        from .onnx_export import export_onnx
+    except ImportError as exc:  # pragma: no cover - onnx is a dependency; onnxscript a dev one
+        return [], f"ONNX export unavailable: {exc}"
+    schedule = backend.schedule
+    phase = schedule.phase_at(backend.step_counter.step) if schedule is not None else FP4_PHASE
+    paths, error = [], None
+    for i, (gm, example_inputs) in enumerate(graphs):
+        name = ONNX_MODEL if len(graphs) == 1 else f"model_graph_{i}.onnx"
+        try:
+            rewritten = run_passes(gm, example_inputs, backend.policy, phase).graph_module
+            export_onnx(rewritten, example_inputs, os.path.join(out, name))
+            paths.append(os.path.join(out, name))
+        except Exception as exc:  # the dump stays useful without the ONNX model
+            error = error or f"graph_{i}: {type(exc).__name__}: {exc}"
+            logger.warning("fp4compile dump: no ONNX model for graph_%d: %s", i, exc)
+    return paths, error
+
+
+def _manifest(source: str, backend: Optional[Fp4Backend], files: dict[str, Any]) -> str:
+    from .. import __version__
+
+    info = {
+        "source": source,
+        "fp4compile_version": __version__,
+        "torch_version": torch.__version__,
+        "policy": repr(backend.policy) if backend is not None else None,
+        "inner": backend.inner if backend is not None else None,
+        "graphs": sorted({f"{r.graph}/{r.phase}" for r in backend.reports}) if backend is not None else [],
+        **files,
+    }
+    return json.dumps(info, indent=1)
+
+
+def dump(model: torch.nn.Module, *example_inputs: Any, out: "str | os.PathLike", policy: Optional[Policy] = None,
+         inner: Optional[str] = None, onnx: bool = True) -> DumpResult:
+    """Compile ``model`` with the fp4 backend, run one training step on ``example_inputs`` and write a dump.
+
+    The step is the forward, then backward from the output (from its sum if it is not a scalar; from the first
+    element of a tuple, or ``output["loss"]``); an output that does not require grad is dumped forward only.
+    The parameters' ``.grad`` are restored afterwards; the step draws stochastic-rounding seeds from torch's
+    generator, so the RNG advances.
+
+    Args:
+        model: the module (or function) to compile; it is not modified.
+        example_inputs: its positional inputs.
+        out: the dump folder (created; files in it are overwritten).
+        policy: as for `fp4compile.backend` (default: the NV recipe).
+        inner: the inner compiler, ``"inductor"``, ``"aot_eager"`` or ``"eager"`` (default: the backend's).
+        onnx: export the rewritten forward graph to ``model.onnx``.
+
+    Returns:
+        A `DumpResult`.
+    """
+    if not callable(model):
+        raise TypeError(f"fp4compile.dump: model must be a torch.nn.Module or a callable, got {type(model).__name__}")
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"fp4compile.dump: out must be a folder path (str or os.PathLike), got {type(out).__name__}")
+    out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    backend = Fp4Backend(policy=policy, inner=inner, dump_dir=out)
+    _API_BACKENDS.add(backend)
+    capture = _CapturingBackend(backend)
+    compiled = torch.compile(model, backend=capture, dynamic=False)
+
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    saved_grads = [p.grad for p in params]
+    recorder = NumericsRecorder()
+    try:
+        with observe_quantization(recorder):
+            output = compiled(*example_inputs)
+            target = _backprop_target(output)
+            if target is None:
+                logger.warning("fp4compile dump: the output does not require grad; dumping the forward only")
+            else:
+                target.backward()
+    finally:
+        for p, g in zip(params, saved_grads):
+            p.grad = g
+    if not backend.reports:
+        raise RuntimeError("fp4compile.dump: Dynamo compiled no graph (it may have hit its recompile limit for this "
+                           "model; torch._dynamo.reset() clears it)")
+
+    backend._write_dump()  # again, now that AOTAutograd has compiled the backward graph too
+    numerics = list(recorder.results.values())
+    _write_text(os.path.join(out, NUMERICS), numerics_to_json(numerics))
+    onnx_paths, onnx_error = _export_graphs(backend, capture.graphs, out) if onnx else ([], "not requested")
+    files = {"onnx": [os.path.basename(p) for p in onnx_paths], "onnx_error": onnx_error}
+    _write_text(os.path.join(out, MANIFEST), _manifest("fp4compile.dump", backend, files))
+    write_report(out)
+    logger.info("fp4compile dump: wrote %s", out)
+    return DumpResult(out, backend.rows(), numerics, _detach(output), onnx_paths, onnx_error, backend)
+
+
+# --- FP4COMPILE_DUMP: the hook the backend calls after writing its tables ------------------------------------
+
+def _install_process_observer(observer) -> None:
+    """Make ``observer`` the fallback of every quantization op when no scoped observer is active.
+
+    A context variable set while Dynamo compiles does not outlive the compilation (Dynamo runs the backend
+    in a copied context), so the ops' observer lookup is wrapped instead: the scoped observer of
+    `observe_quantization` still wins. This is the seam a process-wide default observer in
+    `fp4compile.ops.observe` would replace.
+    """
+    from ..ops import library
+
+    scoped = library.current_observer
+    if getattr(scoped, "_fp4compile_env_dump", False):
+        return
+
+    def current_observer():
+        return scoped() or observer
+
+    current_observer._fp4compile_env_dump = True
+    library.current_observer = current_observer
+
+
+class _EnvDump:
+    """The dump of one process run with ``FP4COMPILE_DUMP``: a process-wide observer and an exit handler."""
+
+    def __init__(self) -> None:
+        self.recorder = NumericsRecorder()
+        self.backends: list[Fp4Backend] = []
+        self.finishing = False
+        _install_process_observer(self.recorder)
+        atexit.register(self.finish)
+
+    def attach(self, backend: Fp4Backend) -> None:
+        if all(b is not backend for b in self.backends):
+            self.backends.append(backend)
+
+    def write_numerics(self, out: str) -> None:
+        results = [r for r in self.recorder.results.values()
+                   if any(r.module == row.module for b in self.backends if b.dump_dir == out for row in b.rows())]
+        _write_text(os.path.join(out, NUMERICS), numerics_to_json(results))
+
+    def finish(self) -> None:
+        """At exit: rewrite each backend's dump (now with the backward graphs), numerics and the report."""
+        self.finishing = True
+        for out in sorted({b.dump_dir for b in self.backends}):
+            if not os.path.isdir(out):
+                continue
+            try:
+                for b in self.backends:
+                    if b.dump_dir == out:
+                        b._write_dump()
+                self.write_numerics(out)
+                last = next(b for b in reversed(self.backends) if b.dump_dir == out)
+                _write_text(os.path.join(out, MANIFEST),
+                            _manifest("FP4COMPILE_DUMP", last, {"onnx": [], "onnx_error": "not written by FP4COMPILE_DUMP"
+                                                                " (use fp4compile.dump for the ONNX model)"}))
+                write_report(out)
+            except Exception:
+                logger.exception("fp4compile dump: could not finish the dump in %s", out)
+
+
+_ENV_DUMP: Optional[_EnvDump] = None
+
+
+def on_backend_dump(backend: Fp4Backend) -> None:
+    """Called by `Fp4Backend._write_dump` after it wrote the tables and the code: for a backend dumping
+    through ``FP4COMPILE_DUMP`` (not one created by `dump`), install the numerics observer and the exit
+    handler once, and write ``report.html``. Never raises (a dump must not break training)."""
+    global _ENV_DUMP
+    if backend in _API_BACKENDS or not backend.dump_dir:
+        return
+    try:
+        if _ENV_DUMP is None:
+            _ENV_DUMP = _EnvDump()
+        if _ENV_DUMP.finishing:
+            return
+        _ENV_DUMP.attach(backend)
+        write_report(backend.dump_dir)
+    except Exception:
+        logger.exception("fp4compile dump: could not extend the dump in %s", backend.dump_dir)
