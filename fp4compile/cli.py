@@ -63,7 +63,7 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _show(path: str, only_fp4: bool) -> int:
+def _show(path: str, only_fp4: bool, console=None) -> int:
     from .inspect.layout import load_dump
 
     data = load_dump(path)
@@ -101,7 +101,7 @@ def _show(path: str, only_fp4: bool) -> int:
     for line in lines:
         style = "green" if line[2] != "high" else None
         table.add_row(*line, style=style)
-    Console(width=max(200, Console().width)).print(table)
+    (console or Console(width=max(200, Console().width))).print(table)
     return 0
 
 

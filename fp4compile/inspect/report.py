@@ -37,7 +37,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bot
 .card{border:1px solid #dde2ea;border-radius:8px;padding:8px 14px;min-width:120px}
 .card b{display:block;font-size:20px} .card span{font-size:12px;color:#5a6475}
 table{border-collapse:collapse;font-size:12px;width:100%} th,td{border:1px solid #dde2ea;padding:3px 6px;text-align:left}
-th{background:#f5f7fa;position:sticky;top:0} td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f5f7fa;position:sticky;top:0} td{white-space:nowrap} td:last-child{white-space:normal} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .p-nvfp4,.p-fp4,.p-mxfp4{background:#d8f2e2;font-weight:600} .p-high{background:#fbe6d4}
 .scroll{max-height:460px;overflow:auto;border:1px solid #dde2ea} .graph{max-height:720px;overflow:auto;border:1px solid #dde2ea}
 .legend span{display:inline-block;margin-right:14px;font-size:12px} .sw{display:inline-block;width:12px;height:12px;
