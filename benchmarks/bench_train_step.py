@@ -38,7 +38,8 @@ MODELS = {
     "llama": (lambda: Llama(LlamaConfig(32000, 1024, 16, 16, 2816)), 8, 1024),
     "small": (lambda: GPT(GPTConfig(256, 256, 6, 6, 384)), 64, 256),
 }
-MODES = ("eager-bf16", "inductor-bf16", "fakequant-eager", "fakequant-compiled", "fp4")
+MODES = ("eager-bf16", "inductor-bf16", "inductor-bf16-cudagraphs", "fakequant-eager", "fakequant-compiled", "fp4",
+         "fp4-cudagraphs")
 
 
 def _fake_quant_precisions(model: torch.nn.Module, recipe) -> dict[str, LinearPrecision]:
@@ -63,8 +64,11 @@ def build(model_name: str, mode: str, device: str):
         swap_in_reference(model, _fake_quant_precisions(model, fp4compile.recipes.nvfp4()))
     if mode in ("inductor-bf16", "fakequant-compiled"):
         step_model = torch.compile(model)
-    elif mode == "fp4":
-        step_model = torch.compile(model, backend=fp4compile.backend(policy=fp4compile.recipes.nvfp4()))
+    elif mode == "inductor-bf16-cudagraphs":
+        step_model = torch.compile(model, mode="reduce-overhead")
+    elif mode.startswith("fp4"):
+        step_model = torch.compile(model, backend=fp4compile.backend(
+            policy=fp4compile.recipes.nvfp4(), cudagraphs=mode.endswith("cudagraphs")))
     else:
         step_model = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")

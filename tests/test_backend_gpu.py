@@ -1,9 +1,10 @@
 """The backend on CUDA (skipped without a GPU): Triton kernels inside a compiled training step.
 
-Tolerances: the Triton quantizer is bit-exact with the reference, but the GEMMs sum in a different order
-(tensor-core tiles vs CPU float32), so activations differ in the last bits and a few elements cross E2M1
-thresholds; stochastic rounding draws from Inductor's random stream. Loss within 2% relative, gradient
-norms within 10% (measured spread of independent stochastic-rounding draws is a few percent).
+The Triton quantizer is bit-exact with the reference, but GEMMs sum in another order (tensor-core tiles) and
+stochastic rounding draws come from Inductor's random stream, so the compiled step cannot equal the eager
+reference bit for bit. The test is statistical instead: the compiled step must be as close to the reference
+as two reference steps with different stochastic-rounding draws are to each other (within 3x their spread,
+per parameter), and the loss within 1% (the forward pass is round-to-nearest).
 """
 
 from __future__ import annotations
@@ -23,23 +24,38 @@ from models import GPT
 pytestmark = pytest.mark.gpu
 
 
-def test_compiled_step_on_cuda_uses_triton_and_matches_reference():
+def _grads(model):
+    return {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_compiled_step_on_cuda_matches_reference_statistically(cudagraphs):
     torch.manual_seed(0)
     model = GPT(vocab=256, d=256, n_layer=4, n_head=4, block_size=128).cuda().to(torch.bfloat16)
     idx, tgt = (t.cuda() for t in batch(vocab=256, b=4, t=128))
-    be = fp4compile.Fp4Backend(inner="inductor")
-    loss = torch.compile(model, backend=be)(idx, tgt)
-    loss.backward()
-    grads = {n: p.grad.float() for n, p in model.named_parameters()}
     nv = LinearPrecision(*nv_recipe_precisions())
     names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     ref = swap_in_reference(copy.deepcopy(model), {f"transformer.h.{i}.{n}": nv for i in (1, 2) for n in names})
-    ref.zero_grad()
-    ref_loss = ref(idx, tgt)
-    ref_loss.backward()
-    assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) <= 0.02 * abs(ref_loss.item())
-    for name, p in ref.named_parameters():
-        assert (grads[name] - p.grad.float()).norm() <= 0.1 * p.grad.float().norm() + 1e-6, name
+    ref_runs = []
+    for seed in (1, 2):
+        ref.zero_grad()
+        torch.manual_seed(seed)
+        ref_loss = ref(idx, tgt)
+        ref_loss.backward()
+        ref_runs.append(_grads(ref))
+
+    be = fp4compile.Fp4Backend(inner="inductor", cudagraphs=cudagraphs)
+    compiled = torch.compile(model, backend=be)
+    for _ in range(3 if cudagraphs else 1):  # cudagraph trees record on a later call: check a replay
+        model.zero_grad()
+        loss = compiled(idx, tgt)
+        loss.backward()
+    grads = _grads(model)
+    assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) <= 0.01 * abs(ref_loss.item())
+    for name, g in grads.items():
+        spread = (ref_runs[0][name] - ref_runs[1][name]).norm()
+        scale = ref_runs[0][name].norm()
+        assert (g - ref_runs[0][name]).norm() <= 3 * spread + 0.02 * scale + 1e-6, name
     assert "fp4compile.gemm" in be.reports[0].aot_code["forward"]
 
 

@@ -189,8 +189,8 @@ def test_two_runs_from_the_same_seed_are_bitwise_identical():
 
 
 def test_resume_at_step_k_continues_bitwise_like_the_uninterrupted_run():
-    """What to save: model and optimizer state, torch's CPU RNG state (it keys stochastic rounding, on GPU
-    too), and the StepCounter if a schedule is used."""
+    """What to save: model and optimizer state, torch's RNG state (it keys stochastic rounding; on GPU also
+    torch.cuda.get_rng_state_all()), and the StepCounter if a schedule is used."""
     torch.manual_seed(0)
     model = GPT(n_layer=2)
     initial = copy.deepcopy(model.state_dict())

@@ -63,13 +63,15 @@ class Fp4Backend:
         step_counter: the `StepCounter` a schedule reads (one is created if not given).
         dump_dir: where to write the precision table (default: ``FP4COMPILE_DUMP``).
         verify: run the graph verifier after every pass (default: ``FP4COMPILE_VERIFY``).
+        cudagraphs: capture the compiled graphs in CUDA graphs (Inductor only; what
+            ``torch.compile(mode="reduce-overhead")`` asks for).
     """
 
     __name__ = "fp4"
 
     def __init__(self, policy: Optional[Policy] = None, inner: Optional[str] = None,
                  step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
-                 verify: Optional[bool] = None) -> None:
+                 verify: Optional[bool] = None, cudagraphs: bool = False) -> None:
         self.policy = policy if policy is not None else _default_policy()
         if not callable(getattr(self.policy, "decide", None)):
             raise TypeError(f"policy must have a decide(site, role) method, got {type(self.policy).__name__}")
@@ -79,12 +81,13 @@ class Fp4Backend:
         self.step_counter = step_counter if step_counter is not None else StepCounter()
         self.dump_dir = dump_dir if dump_dir is not None else env.dump_dir()
         self.verify = env.verify_passes() if verify is None else verify
+        self.cudagraphs = bool(cudagraphs)
         self.reports: list[CompileReport] = []
         self._graph_ids = itertools.count()
 
     # Dynamo compares backends to decide whether a cached frame can be reused.
     def _key(self) -> tuple:
-        return (repr(self.policy), self.inner, id(self.step_counter), self.dump_dir)
+        return (repr(self.policy), self.inner, id(self.step_counter), self.dump_dir, self.cudagraphs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Fp4Backend) and self._key() == other._key()
@@ -139,7 +142,7 @@ class Fp4Backend:
         def record(label: str, graph: fx.GraphModule) -> None:
             report.aot_code[label] = graph.code
 
-        compiled = compile_inner(result.graph_module, example_inputs, self.inner, record)
+        compiled = compile_inner(result.graph_module, example_inputs, self.inner, record, self.cudagraphs)
         if self.dump_dir:
             self._write_dump()
         return compiled
@@ -175,9 +178,9 @@ _REGISTRY: dict[tuple, Fp4Backend] = {}
 
 def backend(policy: Optional[Policy] = None, inner: Optional[str] = None,
             step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
-            verify: Optional[bool] = None) -> Fp4Backend:
+            verify: Optional[bool] = None, cudagraphs: bool = False) -> Fp4Backend:
     """The `Fp4Backend` for this configuration (the same instance for the same configuration)."""
-    candidate = Fp4Backend(policy, inner, step_counter, dump_dir, verify)
+    candidate = Fp4Backend(policy, inner, step_counter, dump_dir, verify, cudagraphs)
     key = candidate._key() + (candidate.verify,)
     return _REGISTRY.setdefault(key, candidate)
 
@@ -186,10 +189,12 @@ def fp4_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
                 mode: Optional[str] = None) -> Callable:
     """The entry point behind ``backend="fp4"``; ``options`` are `backend`'s keyword arguments."""
     options = dict(options or {})
-    allowed = {"policy", "inner", "step_counter", "dump_dir", "verify"}
+    allowed = {"policy", "inner", "step_counter", "dump_dir", "verify", "cudagraphs"}
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"backend 'fp4': unknown option(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
-    if mode not in (None, "default"):
+    if mode == "reduce-overhead":
+        options.setdefault("cudagraphs", True)
+    elif mode not in (None, "default"):
         logger.warning("fp4compile: torch.compile mode %r is ignored by the fp4 backend", mode)
     return backend(**options)(gm, example_inputs)

@@ -26,8 +26,10 @@ def _label(kwargs: dict) -> str:
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str,
-                  record: Callable[[str, fx.GraphModule], None]) -> Callable:
-    """Compile ``gm`` with the inner compiler ``inner``; ``record(label, graph)`` sees each AOT graph."""
+                  record: Callable[[str, fx.GraphModule], None], cudagraphs: bool = False) -> Callable:
+    """Compile ``gm`` with the inner compiler ``inner``; ``record(label, graph)`` sees each AOT graph.
+    ``cudagraphs``: Inductor captures each compiled graph in CUDA graphs (cudagraph trees), removing the host
+    overhead of launching the FP4 ops' kernels one by one."""
     if inner == "eager":
         record("forward", gm)
         return gm.forward
@@ -56,5 +58,6 @@ def compile_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], inner: str,
             record(_label(kwargs), graph)
             return compile_fx_inner(graph, inputs, **kwargs)
 
-        return compile_fx(gm, example_inputs, inner_compile=recording_inner)
+        patches = {"triton.cudagraphs": True} if cudagraphs else None
+        return compile_fx(gm, example_inputs, inner_compile=recording_inner, config_patches=patches)
     raise ValueError(f"inner compiler must be one of {INNER_COMPILERS}, got {inner!r}")

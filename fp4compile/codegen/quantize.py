@@ -173,6 +173,7 @@ def _quantize_kernel(
     HADAMARD: tl.constexpr, STOCHASTIC: tl.constexpr, SCALE_KIND: tl.constexpr, TENSOR_SCALE: tl.constexpr,
     SCALE_MAX: tl.constexpr, ENCODE_NUMERATOR: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     WRITE_DEQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SIGN_MASK: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
 ):
     """Spec steps 2-5 on one (BLOCK_R, BLOCK_K) tile of the logical (R, K) matrix.
 
@@ -225,6 +226,8 @@ def _quantize_kernel(
     mag = tl.abs(scaled_v)
     if STOCHASTIC:
         col0 = (pid % num_tiles_k) * BLOCK_K
+        if SEED_FROM_PTR:  # the key lives in device memory: no host read, so the launch can be graph-captured
+            seed = tl.load(seed)
         code = _e2m1_stochastic(mag, rows, col0, K, seed, offset, NB_R, NB_K, BLOCK_R, BLOCK_K, BLOCK_ROWS,
                                 BLOCK_COLS)
     else:
@@ -449,16 +452,18 @@ def quantize_triton(
         amax_bits = (_amax_bits(x2, rows, k, hadamard) if amax is None
                      else amax.reshape(1).to(torch.float32).view(torch.int32))
         stochastic = rounding is Rounding.STOCHASTIC
+        seed_from_ptr = isinstance(seed, torch.Tensor) and seed.device == device
+        seed_arg = seed.reshape(1).to(torch.int64) if seed_from_ptr else _int_arg(seed)
         block_r, block_k, warps = _tile_shape(rows, k, block, x.is_cuda and not _interpreting(), _tile)
         num_tiles_k = triton.cdiv(k, block_k)
         grid = (triton.cdiv(rows, block_r) * num_tiles_k,)
         _quantize_kernel[grid](
-            x2, amax_bits, qdata, scale_bytes, d_global, deq, _int_arg(seed), _int_arg(offset),
+            x2, amax_bits, qdata, scale_bytes, d_global, deq, seed_arg, _int_arg(offset),
             rows, k, x2.stride(0), x2.stride(1), num_tiles_k,
             HADAMARD=hadamard, STOCHASTIC=stochastic, SCALE_KIND=scale_kind, TENSOR_SCALE=fmt.tensor_scale,
             SCALE_MAX=float(fmt.scale_max), ENCODE_NUMERATOR=float(E2M1_MAX * fmt.scale_max),
             BLOCK_ROWS=br, BLOCK_COLS=bc, WRITE_DEQ=dequantized_dtype is not None,
-            BLOCK_R=block_r, BLOCK_K=block_k, SIGN_MASK=_RHT_NEG_MASK, num_warps=warps,
+            BLOCK_R=block_r, BLOCK_K=block_k, SIGN_MASK=_RHT_NEG_MASK, SEED_FROM_PTR=seed_from_ptr, num_warps=warps,
         )
     scale_shape = (*lead, k // bc) if br == 1 else (n_scales_r, k // bc)
     qt = QuantizedTensor(

@@ -11,8 +11,8 @@ What is saved for backward (spec section 3; "keep the quantized forms, not high-
 - the forward's 2D-quantized weight is saved packed and reused by the input-gradient GEMM (the chain rule
   holds for the very matrix the forward used) when both roles share the same weight precision.
 
-Stochastic rounding draws a fresh 64-bit Philox key per quantization from torch's CPU generator, so a run is
-reproducible from ``torch.manual_seed`` and resumable from ``torch.get_rng_state()``.
+Stochastic rounding draws a fresh 64-bit Philox key per quantization from torch's generator on the operand's
+device, so a run is reproducible from ``torch.manual_seed`` and resumable from the RNG state.
 Token counts not divisible by the weight-gradient block are zero-padded: zero rows add nothing to
 ``dy^T x`` and leave every amax unchanged.
 """
@@ -35,16 +35,17 @@ __all__ = ["fp4_linear", "Fp4LinearFunction"]
 _SEED_HIGH = 2**62
 
 
-def _seed_for(op: OperandPrecision) -> Optional[torch.Tensor]:
-    """A fresh Philox key for one stochastic quantization, drawn from torch's CPU generator: a kernel takes it
-    as a scalar argument, and reading a CPU tensor never waits for the GPU."""
+def _seed_for(op: OperandPrecision, device: torch.device) -> Optional[torch.Tensor]:
+    """A fresh Philox key for one stochastic quantization, drawn on the operand's device: the kernel reads it
+    from device memory, so nothing waits for the GPU and the step can be captured in a CUDA graph (whose
+    replays then draw fresh keys through PyTorch's graph-safe generator)."""
     if op.rounding is not Rounding.STOCHASTIC:
         return None
-    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device="cpu")
+    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
 
 
 def _quantize(x: torch.Tensor, op: OperandPrecision, label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op), label)
+    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device), label)
 
 
 def _gemm(a, b, precision: GemmPrecision, b_transposed: bool, bias, out_dtype) -> torch.Tensor:

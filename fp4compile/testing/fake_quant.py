@@ -25,7 +25,7 @@ __all__ = ["ReferenceFakeQuantLinear", "swap_in_reference"]
 def _q(x, op: OperandPrecision):
     seed = 0
     if op.rounding is Rounding.STOCHASTIC:
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=x.device)
     return fp4compile.quantize(x, op.format, op.block, op.rounding, seed, 0, op.hadamard, impl="reference")
 
 
