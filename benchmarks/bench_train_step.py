@@ -76,6 +76,8 @@ def build(model_name: str, mode: str, device: str):
 
 
 def run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -> dict:
+    # Peak memory over the whole run, warm-up included: CUDA-graph pools are allocated while recording.
+    torch.cuda.reset_peak_memory_stats()
     model, step_model, opt, batch, seq = build(model_name, mode, device)
     vocab = model.lm_head.out_features if hasattr(model, "lm_head") else model.output.out_features
     gen = torch.Generator(device=device).manual_seed(0)
@@ -95,7 +97,6 @@ def run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -
         loss = step(i)
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -110,9 +111,12 @@ def run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -
                   tokens_per_s=batch * seq / (ms / 1e3), peak_gib=peak, compile_s=compile_s,
                   final_loss=float(loss), finite=bool(torch.isfinite(loss)))
     del model, step_model, opt, inputs
+    torch._dynamo.reset()
+    from torch._inductor import cudagraph_trees
+
+    cudagraph_trees.reset_cudagraph_trees()
     gc.collect()
     torch.cuda.empty_cache()
-    torch._dynamo.reset()
     return result
 
 

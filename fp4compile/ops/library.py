@@ -14,13 +14,14 @@ from typing import Optional
 
 import torch
 
+from ..numerics.api import check_quantize_args
 from ..numerics.api import quantize as _quantize
 from ..numerics.gemm import gemm_reference
 from ..numerics.qtensor import QuantizedTensor
 from ..policy.precision import OperandPrecision
 from .observe import current_observer
 
-__all__ = ["quantize_operand", "gemm_operands", "to_quantized_tensor"]
+__all__ = ["quantize_operand", "gemm_operands", "to_quantized_tensor", "dequantized_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,31 +46,61 @@ def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
     return scale.view(torch.uint8) if scale.dtype.itemsize == 1 else scale
 
 
+def dequantized_dtype(op: OperandPrecision) -> torch.dtype:
+    """The dtype of the exact unscaled operand ``E2M1[c] * d_b``: float16 holds every E2M1 value times every
+    E4M3 scale exactly (spec section 2); other scale formats span more range, so float32."""
+    return torch.float16 if op.format.scale_format.name == "e4m3" else torch.float32
+
+
+def _quantize_with_operand(x: torch.Tensor, op: OperandPrecision, seed) -> tuple[QuantizedTensor, torch.Tensor]:
+    """Quantize and also produce the exact unscaled operand, in one kernel pass on CUDA."""
+    if x.is_cuda:
+        from ..codegen import triton_available
+
+        if triton_available():
+            from ..codegen.quantize import quantize_triton
+
+            args = check_quantize_args(x, op.format, op.block, op.rounding, op.hadamard)
+            return quantize_triton(x, args.format, args.block, args.rounding, seed, 0, args.hadamard,
+                                   dequantized_dtype=dequantized_dtype(op))
+    qt = _quantize(x, op.format, op.block, op.rounding, seed, 0, op.hadamard)
+    return qt, qt.dequantize_unscaled().reshape(-1, x.shape[-1]).to(dequantized_dtype(op))
+
+
 @torch.library.custom_op("fp4compile::quantize", mutates_args=())
 def quantize_operand(
-    x: torch.Tensor, operand: str, seed: Optional[torch.Tensor], label: str = ""
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, operand: str, seed: Optional[torch.Tensor], label: str = "", with_dequantized: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` along its last axis as ``operand`` says; returns (packed codes, block scales as raw bytes,
-    tensor scale).
+    tensor scale, exact operand).
 
     ``seed`` (an int64 0-dim tensor) keys stochastic rounding; each call draws a fresh seed, so the Philox
     offset is 0. ``label`` (``"<module>:<role>:<operand>"``) names the operand for observers
-    (`fp4compile.ops.observe`).
+    (`fp4compile.ops.observe`). With ``with_dequantized`` the last output is ``E2M1[c] * d_b`` as a (rows, K)
+    matrix in `dequantized_dtype` (written by the same kernel on CUDA) for the GEMM to consume without a
+    separate dequantization pass; otherwise it is an empty tensor.
     """
     op = OperandPrecision.decode(operand)
-    qt = _quantize(x, op.format, op.block, op.rounding, seed if seed is not None else 0, 0, op.hadamard)
+    seed_value = seed if seed is not None else 0
+    if with_dequantized:
+        qt, operand_matrix = _quantize_with_operand(x, op, seed_value)
+    else:
+        qt = _quantize(x, op.format, op.block, op.rounding, seed_value, 0, op.hadamard)
+        operand_matrix = x.new_empty((0,), dtype=dequantized_dtype(op))
     observer = current_observer()
     if observer is not None:
         observer(label, x, qt)
-    return qt.qdata, _scale_bytes(qt.scale), qt.per_tensor_scale
+    return qt.qdata, _scale_bytes(qt.scale), qt.per_tensor_scale, operand_matrix
 
 
 @quantize_operand.register_fake
-def _quantize_operand_fake(x, operand, seed, label=""):
+def _quantize_operand_fake(x, operand, seed, label="", with_dequantized=False):
     op = OperandPrecision.decode(operand)
     qdata = x.new_empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8)
     scale = x.new_empty(_scale_shape(tuple(x.shape), op), dtype=_scale_wire_dtype(op))
-    return qdata, scale, x.new_empty((), dtype=torch.float32)
+    rows = math.prod(x.shape[:-1])
+    shape = (rows, x.shape[-1]) if with_dequantized else (0,)
+    return qdata, scale, x.new_empty((), dtype=torch.float32), x.new_empty(shape, dtype=dequantized_dtype(op))
 
 
 def to_quantized_tensor(data: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor, operand: str) -> QuantizedTensor:
@@ -81,15 +112,21 @@ def to_quantized_tensor(data: torch.Tensor, scale: torch.Tensor, tensor_scale: t
     return QuantizedTensor(data, scale, tensor_scale, op.format, op.block, op.hadamard)
 
 
-def _gemm_impl(a: QuantizedTensor, b: QuantizedTensor, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
+def _gemm_impl(a: QuantizedTensor, b: QuantizedTensor, b_transposed: bool, bias, out_dtype,
+               a_dequantized: Optional[torch.Tensor], b_dequantized: Optional[torch.Tensor]) -> torch.Tensor:
     if a.qdata.is_cuda:
         from ..codegen import triton_available
 
         if triton_available():
             from ..codegen.gemm import gemm as gemm_triton
 
-            return gemm_triton(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype)
+            return gemm_triton(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype,
+                               a_dequantized=_nonempty(a_dequantized), b_dequantized=_nonempty(b_dequantized))
     return gemm_reference(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype)
+
+
+def _nonempty(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t if t is not None and t.numel() else None
 
 
 @torch.library.custom_op("fp4compile::gemm", mutates_args=())
@@ -105,18 +142,22 @@ def gemm_operands(
     b_operand: str,
     b_transposed: bool,
     out_dtype: torch.dtype,
+    a_dequantized: Optional[torch.Tensor] = None,
+    b_dequantized: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``C = (D_a D_b) (A_u B_u^T) (+ bias)`` on quantized operands (spec section 2), FP32 accumulation.
 
     ``a`` is ``(..., K)``; ``b`` is ``(N, K)``, or ``(K, N)`` with square 2D blocks when ``b_transposed``.
+    ``a_dequantized``/``b_dequantized``: the exact operands from ``fp4compile::quantize(with_dequantized=True)``
+    (empty or None: dequantized here when the GEMM path needs them).
     """
     a = to_quantized_tensor(a_data, a_scale, a_tensor_scale, a_operand)
     b = to_quantized_tensor(b_data, b_scale, b_tensor_scale, b_operand)
-    return _gemm_impl(a, b, b_transposed, bias, out_dtype)
+    return _gemm_impl(a, b, b_transposed, bias, out_dtype, a_dequantized, b_dequantized)
 
 
 @gemm_operands.register_fake
 def _gemm_operands_fake(a_data, a_scale, a_tensor_scale, b_data, b_scale, b_tensor_scale, bias, a_operand,
-                        b_operand, b_transposed, out_dtype):
+                        b_operand, b_transposed, out_dtype, a_dequantized=None, b_dequantized=None):
     n = b_data.shape[-1] * 2 if b_transposed else b_data.shape[0]
     return a_data.new_empty((*a_data.shape[:-1], n), dtype=out_dtype)

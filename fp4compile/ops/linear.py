@@ -44,13 +44,16 @@ def _seed_for(op: OperandPrecision, device: torch.device) -> Optional[torch.Tens
     return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
 
 
-def _quantize(x: torch.Tensor, op: OperandPrecision, label: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device), label)
+def _quantize(x: torch.Tensor, op: OperandPrecision, label: str, with_dequantized: bool = False) -> tuple:
+    """(codes, scales, tensor scale, exact operand or empty): the operand is written in the same kernel pass
+    when the GEMM will consume it (no separate dequantization launch)."""
+    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device), label, with_dequantized)
 
 
-def _gemm(a, b, precision: GemmPrecision, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
+def _gemm(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
     return torch.ops.fp4compile.gemm(
-        *a, *b, bias, precision.lhs.encode(), precision.rhs.encode(), b_transposed, out_dtype
+        *a[:3], *b[:3], bias, precision.lhs.encode(), precision.rhs.encode(), b_transposed, out_dtype,
+        a[3] if len(a) > 3 else None, b[3] if len(b) > 3 else None,
     )
 
 
@@ -88,8 +91,8 @@ class Fp4LinearFunction(torch.autograd.Function):
         if fwd.is_high:
             y = F.linear(x2, weight, bias).to(out_dtype)
         else:
-            q_x = _quantize(x2, fwd.lhs, f"{site}:forward:lhs")
-            q_weight = _quantize(weight, fwd.rhs, f"{site}:forward:rhs")
+            q_x = _quantize(x2, fwd.lhs, f"{site}:forward:lhs", with_dequantized=True)
+            q_weight = _quantize(weight, fwd.rhs, f"{site}:forward:rhs", with_dequantized=True)
             y = _gemm(q_x, q_weight, fwd, False, bias, out_dtype)
 
         ctx.cfg, ctx.site, ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = cfg, site, x.shape, x.dtype, weight.dtype
@@ -97,13 +100,16 @@ class Fp4LinearFunction(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.reuse_weight = _reuses_forward_weight(cfg)
         saved = []
+        # The reused weight keeps its exact fp16 operand too (2 bytes/weight): weights are small next to
+        # activations, and the input-gradient GEMM then needs no dequantization pass.
         saved += list(q_weight) if ctx.reuse_weight else [weight]
         wgrad = cfg.weight_grad
         if wgrad.is_high:
             saved.append(x2)
         else:
             padded = _pad_rows(x2, _token_multiple(wgrad))
-            saved += list(_quantize(padded.t(), wgrad.rhs, f"{site}:weight_grad:rhs"))
+            # x^T is saved packed (4.5 bits per element): the activation itself is not kept.
+            saved += list(_quantize(padded.t(), wgrad.rhs, f"{site}:weight_grad:rhs"))[:3]
         ctx.save_for_backward(*saved)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -111,7 +117,7 @@ class Fp4LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         cfg: LinearPrecision = ctx.cfg
         saved = list(ctx.saved_tensors)
-        weight_parts = saved[:3] if ctx.reuse_weight else saved[:1]
+        weight_parts = saved[:4] if ctx.reuse_weight else saved[:1]
         act_parts = saved[len(weight_parts):]
         n = dy.shape[-1]
         dy2 = dy.reshape(-1, n)
@@ -122,11 +128,11 @@ class Fp4LinearFunction(torch.autograd.Function):
             if dgrad.is_high:
                 dx = (dy2 @ weight_parts[0].to(dy2.dtype)).to(ctx.x_dtype)
             else:
-                q_dy = _quantize(dy2, dgrad.lhs, f"{ctx.site}:input_grad:lhs")
+                q_dy = _quantize(dy2, dgrad.lhs, f"{ctx.site}:input_grad:lhs", with_dequantized=True)
                 if ctx.reuse_weight:
                     dx = _gemm(q_dy, weight_parts, dgrad, True, None, ctx.x_dtype)
                 else:
-                    q_wt = _quantize(weight_parts[0].t(), dgrad.rhs, f"{ctx.site}:input_grad:rhs")
+                    q_wt = _quantize(weight_parts[0].t(), dgrad.rhs, f"{ctx.site}:input_grad:rhs", with_dequantized=True)
                     dx = _gemm(q_dy, q_wt, dgrad, False, None, ctx.x_dtype)
             dx = dx.reshape(ctx.x_shape)
 
@@ -135,7 +141,8 @@ class Fp4LinearFunction(torch.autograd.Function):
             if wgrad.is_high:
                 dw = (dy2.t() @ act_parts[0].to(dy2.dtype)).to(ctx.weight_dtype)
             else:
-                q_dyt = _quantize(_pad_rows(dy2, _token_multiple(wgrad)).t(), wgrad.lhs, f"{ctx.site}:weight_grad:lhs")
+                q_dyt = _quantize(_pad_rows(dy2, _token_multiple(wgrad)).t(), wgrad.lhs, f"{ctx.site}:weight_grad:lhs",
+                                  with_dequantized=True)
                 dw = _gemm(q_dyt, act_parts, wgrad, False, None, ctx.weight_dtype)
 
         if ctx.has_bias and ctx.needs_input_grad[2]:
