@@ -228,11 +228,12 @@ def test_no_graph_breaks_and_ten_steps_compile_once():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
-def test_schedule_switch_compiles_once_per_phase():
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_schedule_switch_compiles_once_per_phase(inner):
     torch.manual_seed(0)
     counter = fp4compile.StepCounter()
     policy = fp4compile.recipes.nvfp4(schedule=fp4compile.schedules.late_switch(3))
-    be = fp4compile.Fp4Backend(policy=policy, inner="eager", step_counter=counter)
+    be = fp4compile.Fp4Backend(policy=policy, inner=inner, step_counter=counter)
     cm = torch.compile(GPT(n_layer=3), backend=be)
     for step in range(6):
         cm(*batch(seed=step)).backward()
@@ -312,7 +313,7 @@ def test_string_backend_with_options_in_a_fresh_process(tmp_path):
 
 
 def test_unknown_backend_option_is_a_clear_error():
-    from fp4compile.capture.backend import fp4_backend
+    from fp4compile.capture.compiler import fp4_backend
 
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['polcy'\]"):
         fp4_backend(None, [], options={"polcy": 1})

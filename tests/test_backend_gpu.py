@@ -4,9 +4,9 @@ The Triton quantizer is bit-exact with the reference, but GEMMs sum in another o
 stochastic rounding draws come from Inductor's random stream, so the compiled step cannot equal the eager
 reference bit for bit. The test is statistical instead: the compiled step must be as close to the reference
 as two reference steps with different stochastic-rounding draws are to each other (within 3x their spread,
-per parameter), plus 5% of the gradient's norm for what bfloat16 arithmetic alone changes between Inductor's
-fused kernels and eager PyTorch (measured: 3.4% on a bias downstream of every quantized layer, where the
-spread of draws is zero); the loss within 1% (the forward pass is round-to-nearest).
+per parameter, plus 1% of its norm). The model is float32: in bfloat16, Inductor's fused kernels and eager
+PyTorch round intermediates differently enough (measured 3-7% on small LayerNorm gradients that no draw
+touches) to hide a real error; the bfloat16 path is covered by the benchmarks' loss checks.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _grads(model):
 @pytest.mark.parametrize("cudagraphs", [False, True])
 def test_compiled_step_on_cuda_matches_reference_statistically(cudagraphs):
     torch.manual_seed(0)
-    model = GPT(vocab=256, d=256, n_layer=4, n_head=4, block_size=128).cuda().to(torch.bfloat16)
+    model = GPT(vocab=256, d=256, n_layer=4, n_head=4, block_size=128).cuda()
     idx, tgt = (t.cuda() for t in batch(vocab=256, b=4, t=128))
     nv = LinearPrecision(*nv_recipe_precisions())
     names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -57,7 +57,7 @@ def test_compiled_step_on_cuda_matches_reference_statistically(cudagraphs):
     for name, g in grads.items():
         spread = (ref_runs[0][name] - ref_runs[1][name]).norm()
         scale = ref_runs[0][name].norm()
-        assert (g - ref_runs[0][name]).norm() <= 3 * spread + 0.05 * scale + 1e-6, name
+        assert (g - ref_runs[0][name]).norm() <= 3 * spread + 0.01 * scale + 1e-6, name
     assert "fp4compile.gemm" in be.reports[0].aot_code["forward"]
 
 

@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..capture.backend import Fp4Backend
+from ..capture.compiler import Fp4Backend
 from ..ops.observe import observe_quantization
 from ..passes.pipeline import run_passes
 from ..policy.recipe import Policy

@@ -122,9 +122,7 @@ class Fp4Backend:
             if fn is None:
                 logger.info("fp4compile: compiling %s for schedule phase %r", graph_id, phase.name)
                 fn = compiled[phase] = self._compile_phase(gm, example_inputs, graph_id, phase)
-            if getattr(fn, "_boxed_call", False):
-                return fn(list(args))
-            return fn(*args)
+            return fn(*args)  # what Dynamo does with a backend's result, whatever its calling-convention flags
 
         first = schedule.phase_at(self.step_counter.step)
         compiled[first] = self._compile_phase(gm, example_inputs, graph_id, first)

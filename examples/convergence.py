@@ -1,0 +1,162 @@
+"""Train the same model from the same seed on the same batches under several precision policies, and compare.
+
+    python examples/convergence.py                              # the study of docs/convergence.md (GPU)
+    python examples/convergence.py --tiny --steps 30            # a quick CPU check
+
+Policies: high precision (through the same backend), the NV recipe and its ablations (no stochastic
+rounding, no Hadamard transform, 1D weight blocks, every layer quantized), FATW, MXFP4, and the NV recipe
+with the late switch to high-precision forward for the last 20% of steps. Reports final train and validation
+loss and the relative gap to high precision; writes a PNG of all curves and a JSON of the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpt import GPT, GPTConfig  # noqa: E402
+from train_gpt import get_batch, load_bytes  # noqa: E402
+
+import fp4compile  # noqa: E402
+from fp4compile import GemmPrecision, OperandPrecision, recipes, schedules  # noqa: E402
+
+
+def _no_stochastic(p: GemmPrecision) -> GemmPrecision:
+    nearest = lambda o: dataclasses.replace(o, rounding="nearest")  # noqa: E731
+    return p if p.is_high else GemmPrecision(nearest(p.lhs), nearest(p.rhs))
+
+
+def _no_hadamard(p: GemmPrecision) -> GemmPrecision:
+    plain = lambda o: dataclasses.replace(o, hadamard=False)  # noqa: E731
+    return p if p.is_high else GemmPrecision(plain(p.lhs), plain(p.rhs))
+
+
+def policies(steps: int) -> dict[str, tuple[object, object]]:
+    """name -> (policy, step counter or None)."""
+    nv = recipes.nvfp4()
+    w1d = OperandPrecision("nvfp4", (1, 16))
+    counter = fp4compile.StepCounter()
+    return {
+        "high_precision": (recipes.high_precision(), None),
+        "nvfp4": (nv, None),
+        "nvfp4_no_sr": (dataclasses.replace(nv, input_grad=_no_stochastic(nv.input_grad),
+                                            weight_grad=_no_stochastic(nv.weight_grad)), None),
+        "nvfp4_no_rht": (dataclasses.replace(nv, weight_grad=_no_hadamard(nv.weight_grad)), None),
+        "nvfp4_1d_weights": (dataclasses.replace(nv, forward=GemmPrecision(nv.forward.lhs, w1d),
+                                                 input_grad=GemmPrecision(nv.input_grad.lhs, w1d)), None),
+        "nvfp4_all_layers": (recipes.nvfp4(high_precision_first_blocks=0, high_precision_last_blocks=0,
+                                           quantize_output_head=True), None),
+        "fp4_all_the_way": (recipes.fp4_all_the_way(), None),
+        "mxfp4": (recipes.mxfp4(), None),
+        "nvfp4_late_switch": (recipes.nvfp4(schedule=schedules.late_switch(int(0.8 * steps))), counter),
+    }
+
+
+def train(name, policy, counter, cfg, data, args, device):
+    train_data, val_data = data
+    torch.manual_seed(args.seed)
+    model = GPT(cfg).to(device)
+    if device == "cuda":
+        model = model.to(torch.bfloat16)
+    backend = fp4compile.backend(policy=policy, inner=args.inner, step_counter=counter,
+                                 cudagraphs=device == "cuda" and not args.no_cudagraphs)
+    compiled = torch.compile(model, backend=backend)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95),
+                            fused=device == "cuda")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(args.seed)  # the same batches for every policy
+    losses = []
+    start = time.time()
+    for step in range(args.steps):
+        x, y = get_batch(train_data, args.batch_size, cfg.block_size, gen, device)
+        loss = compiled(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if counter is not None:
+            counter.advance()
+        losses.append(loss.detach())
+    losses = [float(v) for v in losses]
+    elapsed = time.time() - start
+    model.eval()
+    vgen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        val = sum(float(model(*get_batch(val_data, args.batch_size, cfg.block_size, vgen, device)))
+                  for _ in range(args.eval_batches)) / args.eval_batches
+    train_loss = sum(losses[-50:]) / len(losses[-50:])
+    quantized = sum(r.precision != "high" for r in backend.rows())
+    print(f"{name:20s} train {train_loss:.4f}  val {val:.4f}  ({elapsed:.0f}s, {quantized} FP4 GEMM roles, "
+          f"{len(backend.reports)} compiles)", flush=True)
+    return dict(train_loss=train_loss, val_loss=val, curve=losses, seconds=elapsed,
+                fp4_gemm_roles=quantized, compiles=len(backend.reports))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None)
+    p.add_argument("--inner", default=None, help="inner compiler (default: inductor on GPU, aot_eager on CPU)")
+    p.add_argument("--no-cudagraphs", action="store_true")
+    p.add_argument("--only", nargs="*", default=None, help="run only these policies")
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/convergence"))
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.inner = args.inner or ("inductor" if device == "cuda" else "aot_eager")
+    cfg = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=64) if args.tiny else \
+        GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384)
+    if args.tiny:
+        args.batch_size = min(args.batch_size, 16)
+    data = load_bytes(args.data, limit=20_000_000)
+    split = int(0.9 * len(data))
+    splits = (data[:split], data[split:])
+    print(f"model {cfg}, {args.steps} steps of {args.batch_size}x{cfg.block_size} bytes, device {device}")
+    results = {}
+    for name, (policy, counter) in policies(args.steps).items():
+        if args.only and name not in args.only:
+            continue
+        results[name] = train(name, policy, counter, cfg, splits, args, device)
+        torch._dynamo.reset()
+    high = results.get("high_precision")
+    print(f"\n{'policy':20s} {'train':>8s} {'val':>8s} {'val gap vs high':>16s}")
+    for name, r in results.items():
+        gap = (r["val_loss"] / high["val_loss"] - 1) * 100 if high else float("nan")
+        r["val_gap_pct"] = gap
+        print(f"{name:20s} {r['train_loss']:8.4f} {r['val_loss']:8.4f} {gap:+15.2f}%")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "convergence.json"), "w") as f:
+        json.dump({"args": vars(args), "model": dataclasses.asdict(cfg), "results": results}, f)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        plt.figure(figsize=(8, 5))
+        for name, r in results.items():
+            curve = torch.tensor(r["curve"])
+            k = max(1, len(curve) // 100)
+            smooth = curve.unfold(0, k, k).mean(1) if len(curve) >= k else curve
+            plt.plot(torch.arange(len(smooth)) * k, smooth, label=name, lw=1)
+        plt.xlabel("step"), plt.ylabel("train loss (nats/byte)"), plt.legend(fontsize=8), plt.grid(alpha=0.3)
+        plt.ylim(top=min(3.0, plt.ylim()[1]))
+        plt.savefig(os.path.join(args.out, "convergence.png"), dpi=120, bbox_inches="tight")
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
