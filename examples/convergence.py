@@ -72,9 +72,12 @@ def train(name, policy, counter, cfg, data, args, device):
                             fused=device == "cuda")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every policy
-    losses = []
+    losses, memory_mib = [], []
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     start = time.time()
     for step in range(args.steps):
+        if device == "cuda" and step % max(1, args.steps // 10) == 0:
+            memory_mib.append(round(torch.cuda.memory_allocated() / 2**20, 1))
         x, y = get_batch(train_data, args.batch_size, cfg.block_size, gen, device)
         loss = compiled(x, y)
         loss.backward()
@@ -87,6 +90,8 @@ def train(name, policy, counter, cfg, data, args, device):
         losses.append(loss.detach())
     losses = [float(v) for v in losses]
     elapsed = time.time() - start
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    nonfinite = sum(not torch.isfinite(torch.tensor(v)) for v in losses)
     model.eval()
     vgen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
@@ -95,9 +100,11 @@ def train(name, policy, counter, cfg, data, args, device):
     train_loss = sum(losses[-50:]) / len(losses[-50:])
     quantized = sum(r.precision != "high" for r in backend.rows())
     print(f"{name:20s} train {train_loss:.4f}  val {val:.4f}  ({elapsed:.0f}s, {quantized} FP4 GEMM roles, "
-          f"{len(backend.reports)} compiles)", flush=True)
-    return dict(train_loss=train_loss, val_loss=val, curve=losses, seconds=elapsed,
-                fp4_gemm_roles=quantized, compiles=len(backend.reports))
+          f"{len(backend.reports)} compiles, {graphs} Dynamo graphs, {nonfinite} non-finite losses, "
+          f"allocated MiB {memory_mib})", flush=True)
+    return dict(train_loss=train_loss, val_loss=val, curve=losses, seconds=elapsed, fp4_gemm_roles=quantized,
+                compiles=len(backend.reports), dynamo_graphs=graphs, nonfinite_losses=nonfinite,
+                allocated_mib=memory_mib)
 
 
 def main() -> None:
@@ -137,7 +144,8 @@ def main() -> None:
         r["val_gap_pct"] = gap
         print(f"{name:20s} {r['train_loss']:8.4f} {r['val_loss']:8.4f} {gap:+15.2f}%")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "convergence.json"), "w") as f:
+    tag = "_".join(args.only) if args.only else "all"
+    with open(os.path.join(args.out, f"convergence_{tag}.json"), "w") as f:
         json.dump({"args": vars(args), "model": dataclasses.asdict(cfg), "results": results}, f)
     try:
         import matplotlib
@@ -153,7 +161,7 @@ def main() -> None:
             plt.plot(torch.arange(len(smooth)) * k, smooth, label=name, lw=1)
         plt.xlabel("step"), plt.ylabel("train loss (nats/byte)"), plt.legend(fontsize=8), plt.grid(alpha=0.3)
         plt.ylim(top=min(3.0, plt.ylim()[1]))
-        plt.savefig(os.path.join(args.out, "convergence.png"), dpi=120, bbox_inches="tight")
+        plt.savefig(os.path.join(args.out, f"convergence_{tag}.png"), dpi=120, bbox_inches="tight")
     except ImportError:
         pass
 
