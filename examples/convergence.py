@@ -87,7 +87,7 @@ def train(name, policy, counter, cfg, data, args, device):
         sched.step()
         if counter is not None:
             counter.advance()
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())  # a CUDA-graph output is overwritten by the next replay
     losses = [float(v) for v in losses]
     elapsed = time.time() - start
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
