@@ -12,6 +12,8 @@ transformed values, and with them the quantized codes, agree bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["RHT_SIGNS", "HADAMARD_SIZE", "random_hadamard_transform", "hadamard_matrix"]
@@ -31,6 +33,12 @@ def _butterflies(v: torch.Tensor) -> torch.Tensor:
     return v
 
 
+@functools.lru_cache(maxsize=None)
+def _signs(device: torch.device) -> torch.Tensor:
+    """The sign vector on ``device``, made once (a per-call host copy would break CUDA-graph capture)."""
+    return torch.tensor(RHT_SIGNS, dtype=torch.float32, device=device)
+
+
 def random_hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Apply ``M = (H16 / 4) diag(s)`` (or its inverse ``M^T``) to every run of 16 along the last axis.
 
@@ -41,7 +49,7 @@ def random_hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.T
             f"random_hadamard_transform: the last axis of x (shape {tuple(x.shape)}) must be divisible by "
             f"{HADAMARD_SIZE}, got {x.shape[-1]}"
         )
-    signs = torch.tensor(RHT_SIGNS, dtype=torch.float32, device=x.device)
+    signs = _signs(x.device)
     runs = x.reshape(*x.shape[:-1], x.shape[-1] // HADAMARD_SIZE, HADAMARD_SIZE)
     if inverse:
         out = _butterflies(runs) * 0.25 * signs

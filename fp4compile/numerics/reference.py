@@ -39,8 +39,9 @@ def _block_decode_scales(block_amax: torch.Tensor, s: torch.Tensor, fmt: Fp4Form
     if fmt.scale_format.is_power_of_two:
         d = power_of_two_scale(block_amax * s, fmt.scale_rounding, fmt.scale_format)
     else:
-        # S * (1/6) is one float32 product rounded once; then times amax_b, rounded once; no lower clamp.
-        s_over_6 = s * torch.tensor(1.0 / E2M1_MAX, dtype=torch.float32, device=s.device)
+        # S * (1/6) is one float32 product rounded once (a Python scalar factor is cast to float32 first; only
+        # division by a scalar is inexact on CUDA); then times amax_b, rounded once; no lower clamp.
+        s_over_6 = s * (1.0 / E2M1_MAX)
         scaled = torch.clamp(block_amax * s_over_6, max=fmt.scale_max)
         d = round_to_scale_format(scaled, fmt.scale_format)
     return torch.where(torch.isfinite(block_amax), d, torch.full_like(d, float("nan")))

@@ -6,6 +6,7 @@ order of ../shared/docs/NVFP4.md section 2. This is the oracle the Triton kernel
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,6 +36,13 @@ _RNE_BOUNDS: tuple[tuple[float, bool], ...] = (
     (3.5, False),
     (5.0, True),
 )
+
+
+@functools.lru_cache(maxsize=None)
+def e2m1_grid(device: torch.device) -> torch.Tensor:
+    """The eight E2M1 magnitudes as a float32 tensor on ``device``, made once per device: building it per call
+    would copy from the host, which CUDA-graph capture forbids."""
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
 
 
 def round_to_scale_format(x: torch.Tensor, fmt: ScaleFormat) -> torch.Tensor:
@@ -105,7 +113,7 @@ def e2m1_codes_stochastic(v: torch.Tensor, seed: "int | torch.Tensor", offset: "
     from Philox4x32-10 at counter ``offset + i // 4``, word ``i % 4`` (see `philox.uniform24`).
     """
     mag = v.abs()
-    grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=v.device)
+    grid = e2m1_grid(v.device)
     # Index of the grid point at or below mag: count the grid points 0.5..6 that mag reaches.
     lower = torch.zeros(v.shape, dtype=torch.int64, device=v.device)
     for g in E2M1_VALUES[1:]:
@@ -123,6 +131,6 @@ def e2m1_codes_stochastic(v: torch.Tensor, seed: "int | torch.Tensor", offset: "
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     """Float32 values of E2M1 codes (uint8, 0..15)."""
-    grid = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    grid = e2m1_grid(codes.device)
     mag = grid[(codes & 7).to(torch.int64)]
     return torch.where((codes & 8) != 0, -mag, mag)
