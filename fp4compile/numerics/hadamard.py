@@ -12,8 +12,6 @@ transformed values, and with them the quantized codes, agree bit for bit.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 __all__ = ["RHT_SIGNS", "HADAMARD_SIZE", "random_hadamard_transform", "hadamard_matrix"]
@@ -33,10 +31,14 @@ def _butterflies(v: torch.Tensor) -> torch.Tensor:
     return v
 
 
-@functools.lru_cache(maxsize=None)
+_NEGATIVE_MASK = sum(1 << i for i, sign in enumerate(RHT_SIGNS) if sign < 0)
+
+
 def _signs(device: torch.device) -> torch.Tensor:
-    """The sign vector on ``device``, made once (a per-call host copy would break CUDA-graph capture)."""
-    return torch.tensor(RHT_SIGNS, dtype=torch.float32, device=device)
+    """The sign vector on ``device``, computed from a bit mask: no host copy (CUDA-graph capture forbids
+    them) and no cached tensor (it could land in a graph's memory pool)."""
+    bits = (_NEGATIVE_MASK >> torch.arange(HADAMARD_SIZE, device=device)) & 1
+    return (1 - 2 * bits).to(torch.float32)
 
 
 def random_hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -6,7 +6,6 @@ order of ../shared/docs/NVFP4.md section 2. This is the oracle the Triton kernel
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -38,11 +37,14 @@ _RNE_BOUNDS: tuple[tuple[float, bool], ...] = (
 )
 
 
-@functools.lru_cache(maxsize=None)
-def e2m1_grid(device: torch.device) -> torch.Tensor:
-    """The eight E2M1 magnitudes as a float32 tensor on ``device``, made once per device: building it per call
-    would copy from the host, which CUDA-graph capture forbids."""
-    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+def e2m1_magnitude(index: torch.Tensor) -> torch.Tensor:
+    """The E2M1 magnitude of code index 0..7 (int tensor) as float32: ``0.5 * i`` up to 2, then 3, 4, 6.
+
+    Computed rather than looked up, so no constant tensor is ever copied to the device (CUDA-graph capture
+    forbids host copies, and tensors cached on first use would land in a graph's memory pool).
+    """
+    i = index.to(torch.float32)
+    return torch.where(i <= 4, i * 0.5, torch.where(i == 7, torch.full_like(i, 6.0), i - 2))
 
 
 def round_to_scale_format(x: torch.Tensor, fmt: ScaleFormat) -> torch.Tensor:
@@ -113,13 +115,12 @@ def e2m1_codes_stochastic(v: torch.Tensor, seed: "int | torch.Tensor", offset: "
     from Philox4x32-10 at counter ``offset + i // 4``, word ``i % 4`` (see `philox.uniform24`).
     """
     mag = v.abs()
-    grid = e2m1_grid(v.device)
     # Index of the grid point at or below mag: count the grid points 0.5..6 that mag reaches.
     lower = torch.zeros(v.shape, dtype=torch.int64, device=v.device)
     for g in E2M1_VALUES[1:]:
         lower += (mag >= g).to(torch.int64)
     upper = torch.clamp(lower + 1, max=len(E2M1_VALUES) - 1)
-    lo, hi = grid[lower], grid[upper]
+    lo, hi = e2m1_magnitude(lower), e2m1_magnitude(upper)
     step = hi - lo
     # mag - lo is exact (lo <= mag < 2 lo, or lo == 0) and step is a power of two: p is exact.
     p = torch.where(step > 0, (mag - lo) / torch.where(step > 0, step, torch.ones_like(step)), torch.zeros_like(mag))
@@ -131,6 +132,5 @@ def e2m1_codes_stochastic(v: torch.Tensor, seed: "int | torch.Tensor", offset: "
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
     """Float32 values of E2M1 codes (uint8, 0..15)."""
-    grid = e2m1_grid(codes.device)
-    mag = grid[(codes & 7).to(torch.int64)]
+    mag = e2m1_magnitude(codes & 7)
     return torch.where((codes & 8) != 0, -mag, mag)
