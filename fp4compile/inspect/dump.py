@@ -37,7 +37,7 @@ from typing import Any, Optional
 import torch
 
 from ..capture.compiler import Fp4Backend
-from ..ops.observe import observe_quantization
+from ..ops.observe import observe_quantization, set_process_observer
 from ..passes.pipeline import run_passes
 from ..policy.recipe import Policy
 from ..policy.schedule import FP4_PHASE
@@ -221,27 +221,6 @@ def dump(model: torch.nn.Module, *example_inputs: Any, out: "str | os.PathLike",
 
 # --- FP4COMPILE_DUMP: the hook the backend calls after writing its tables ------------------------------------
 
-def _install_process_observer(observer) -> None:
-    """Make ``observer`` the fallback of every quantization op when no scoped observer is active.
-
-    A context variable set while Dynamo compiles does not outlive the compilation (Dynamo runs the backend
-    in a copied context), so the ops' observer lookup is wrapped instead: the scoped observer of
-    `observe_quantization` still wins. This is the seam a process-wide default observer in
-    `fp4compile.ops.observe` would replace.
-    """
-    from ..ops import library
-
-    scoped = library.current_observer
-    if getattr(scoped, "_fp4compile_env_dump", False):
-        return
-
-    def current_observer():
-        return scoped() or observer
-
-    current_observer._fp4compile_env_dump = True
-    library.current_observer = current_observer
-
-
 class _EnvDump:
     """The dump of one process run with ``FP4COMPILE_DUMP``: a process-wide observer and an exit handler."""
 
@@ -249,7 +228,7 @@ class _EnvDump:
         self.recorder = NumericsRecorder()
         self.backends: list[Fp4Backend] = []
         self.finishing = False
-        _install_process_observer(self.recorder)
+        set_process_observer(self.recorder)
         atexit.register(self.finish)
 
     def attach(self, backend: Fp4Backend) -> None:

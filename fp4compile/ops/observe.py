@@ -1,10 +1,16 @@
-"""A scoped hook that sees every quantization the ops perform: how ``fp4compile dump`` measures numerics.
+"""Hooks that see every quantization the ops perform: how ``fp4compile dump`` and the gradient-noise monitor
+measure numerics.
 
-    with observe_quantization(lambda label, x, qt: ...):
+    with observe_quantization(lambda label, x, qt: ...):        # scoped to this thread and context
         loss = compiled_model(batch); loss.backward()
 
+    set_process_observer(observer)                               # everywhere, until set back to None
+
 ``label`` is ``"<module>:<role>:<operand>"`` (operand ``lhs`` or ``rhs``), ``x`` the high-precision input and
-``qt`` the `QuantizedTensor`. Outside the ``with`` block nothing is called (one context-variable read per op).
+``qt`` the `QuantizedTensor`. A scoped observer wins over the process-wide one. The process-wide one exists
+because a context variable reaches neither the context Dynamo compiles in nor autograd's backward threads on
+GPU. With no observer, an op pays one context-variable read. Ops captured in a CUDA graph run no Python on
+replay, so observers see only the eager and recording calls.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 
 from ..numerics.qtensor import QuantizedTensor
 
-__all__ = ["QuantizationObserver", "observe_quantization", "current_observer"]
+__all__ = ["QuantizationObserver", "observe_quantization", "current_observer", "set_process_observer"]
 
 QuantizationObserver = Callable[[str, torch.Tensor, QuantizedTensor], None]
 
@@ -26,8 +32,20 @@ _OBSERVER: contextvars.ContextVar[Optional[QuantizationObserver]] = contextvars.
 )
 
 
+# The one process-wide hook (like the backend's registry, deliberately global: see the module docstring).
+_PROCESS_OBSERVER: list[Optional[QuantizationObserver]] = [None]
+
+
+def set_process_observer(observer: Optional[QuantizationObserver]) -> Optional[QuantizationObserver]:
+    """Install ``observer`` for every quantization in the process (None removes it); returns the previous."""
+    previous = _PROCESS_OBSERVER[0]
+    _PROCESS_OBSERVER[0] = observer
+    return previous
+
+
 def current_observer() -> Optional[QuantizationObserver]:
-    return _OBSERVER.get()
+    """The scoped observer if one is active, else the process-wide one, else None."""
+    return _OBSERVER.get() or _PROCESS_OBSERVER[0]
 
 
 @contextlib.contextmanager
