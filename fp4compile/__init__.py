@@ -4,7 +4,7 @@
 role from a policy, rewrites the chosen GEMMs into quantized ops and hands the rest to Inductor.
 """
 
-from . import recipes, schedules
+from . import monitor, recipes, schedules
 from .capture import Fp4Backend, backend
 from .inspect.dump import dump
 from .numerics import (
@@ -37,6 +37,7 @@ __all__ = [
     "dump",
     "recipes",
     "schedules",
+    "monitor",
     "StepCounter",
     "Policy",
     "Recipe",

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from .numerics.formats import MXFP4, NVFP4, Fp4Format
 from .policy.precision import HIGH, GemmPrecision, OperandPrecision, Role
 from .policy.recipe import Recipe, Rule, high_precision_rules
-from .policy.schedule import Schedule
+from .policy.schedule import PhaseSource
 
 __all__ = ["nvfp4", "fp4_all_the_way", "mxfp4", "high_precision", "nv_recipe_precisions"]
 
@@ -47,7 +47,7 @@ def nvfp4(
     high_precision_roles: Sequence["Role | str"] = (),
     rules: Sequence[Rule] = (),
     quantize_output_head: bool = False,
-    schedule: Optional[Schedule] = None,
+    schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
     """The NV recipe (the default policy; spec section 3).
 
@@ -73,7 +73,7 @@ def mxfp4(
     high_precision_roles: Sequence["Role | str"] = (),
     rules: Sequence[Rule] = (),
     quantize_output_head: bool = False,
-    schedule: Optional[Schedule] = None,
+    schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
     """The NV recipe's structure in MXFP4 (32-element blocks, power-of-two scales, no tensor scale); NV's
     comparison point (1.5% vs 2.5% loss gap to BF16 at 8B, spec section 3)."""
@@ -89,7 +89,7 @@ def fp4_all_the_way(
     high_precision_roles: Sequence["Role | str"] = (),
     rules: Sequence[Rule] = (),
     quantize_output_head: bool = False,
-    schedule: Optional[Schedule] = None,
+    schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
     """FATW (spec section 4): NVFP4, 1D blocks along each GEMM's reduction axis (weights quantized once per
     orientation), round-to-nearest forward, stochastic rounding for the gradient operands of both backward

@@ -24,7 +24,7 @@ from .. import env
 from ..inspect.table import TableRow, precision_table, rows_to_json, rows_to_markdown
 from ..passes.pipeline import run_passes
 from ..policy.recipe import Policy
-from ..policy.schedule import FP4_PHASE, Phase, Schedule, StepCounter
+from ..policy.schedule import FP4_PHASE, Phase, PhaseSource, StepCounter
 from .inner import INNER_COMPILERS, compile_inner
 
 __all__ = ["Fp4Backend", "CompileReport", "backend", "fp4_backend"]
@@ -99,7 +99,7 @@ class Fp4Backend:
         return f"Fp4Backend(policy={self.policy!r}, inner={self.inner!r})"
 
     @property
-    def schedule(self) -> Optional[Schedule]:
+    def schedule(self) -> Optional[PhaseSource]:
         return getattr(self.policy, "schedule", None)
 
     def rows(self) -> list[TableRow]:

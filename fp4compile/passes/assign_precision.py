@@ -29,6 +29,10 @@ def assign_precision(gm: fx.GraphModule, policy: Policy, phase: Phase = FP4_PHAS
             if role in phase.high_precision_roles:
                 decisions[role] = Decision(HIGH, f"schedule: phase {phase.name!r} from step {phase.start_step}")
                 continue
+            if (site.module, role) in phase.high_precision_sites:
+                decisions[role] = Decision(HIGH, f"schedule: phase {phase.name!r} keeps this site's {role.value} "
+                                                 f"in high precision")
+                continue
             decision = policy.decide(site, role)
             if not isinstance(decision, Decision):
                 raise TypeError(

@@ -12,7 +12,7 @@ import fnmatch
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
 from .precision import HIGH, Decision, GemmPrecision, Role
-from .schedule import Schedule
+from .schedule import PhaseSource
 from .site import GemmSite
 
 __all__ = ["Policy", "Rule", "Recipe"]
@@ -96,7 +96,7 @@ class Recipe:
     high_precision_last_blocks: int = 0
     quantize_output_head: bool = False
     rules: tuple[Rule, ...] = ()
-    schedule: Optional[Schedule] = None
+    schedule: Optional[PhaseSource] = None
 
     def __post_init__(self) -> None:
         for field in ("high_precision_first_blocks", "high_precision_last_blocks"):
@@ -128,7 +128,7 @@ class Recipe:
         """A copy with ``rules`` tried before the existing ones."""
         return dataclasses.replace(self, rules=tuple(rules) + self.rules)
 
-    def with_schedule(self, schedule: Optional[Schedule]) -> "Recipe":
+    def with_schedule(self, schedule: Optional[PhaseSource]) -> "Recipe":
         return dataclasses.replace(self, schedule=schedule)
 
 

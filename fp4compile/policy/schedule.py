@@ -7,20 +7,28 @@ every call, so advancing the step never recompiles, and each switch compiles at 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 from .precision import Role
 
-__all__ = ["Phase", "Schedule", "StepCounter", "late_switch", "quantization_aware_finetuning", "FP4_PHASE"]
+__all__ = ["Phase", "PhaseSource", "Schedule", "StepCounter", "late_switch", "quantization_aware_finetuning", "FP4_PHASE"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """A stretch of training in which the roles in ``high_precision_roles`` run in high precision."""
+    """A stretch of training in which the roles in ``high_precision_roles`` run in high precision everywhere,
+    and the ``(module, role)`` pairs in ``high_precision_sites`` for those modules only."""
 
     name: str
     high_precision_roles: frozenset[Role] = frozenset()
     start_step: int = 0
+    high_precision_sites: frozenset[tuple[str, Role]] = frozenset()
+
+
+class PhaseSource(Protocol):
+    """What the backend asks a schedule: the phase at a step. Each distinct phase compiles once."""
+
+    def phase_at(self, step: int) -> Phase: ...
 
 
 FP4_PHASE = Phase("fp4")
