@@ -340,3 +340,29 @@ def test_inductor_step_matches_reference_within_tolerance():
     for name, g in grads.items():
         r = ref_grads[name]
         assert (g - r).norm() <= 0.02 * r.norm() + 1e-8, name
+
+
+def test_reduce_overhead_mode_asks_for_cuda_graphs(monkeypatch):
+    from fp4compile.capture import compiler
+
+    seen = {}
+    monkeypatch.setattr(compiler.Fp4Backend, "__call__", lambda self, gm, ex, **kw: seen.setdefault("cg", self.cudagraphs))
+    compiler.fp4_backend(None, [], options={"inner": "eager"}, mode="reduce-overhead")
+    assert seen["cg"] is True
+    assert compiler.backend(inner="eager", cudagraphs=True) != compiler.backend(inner="eager", cudagraphs=False)
+
+
+def test_process_observer_sees_quantizations_and_scoped_one_wins():
+    from fp4compile.ops.observe import observe_quantization, set_process_observer
+
+    process, scoped = [], []
+    x = torch.randn(32, 64)
+    previous = set_process_observer(lambda label, t, qt: process.append(label))
+    try:
+        torch.ops.fp4compile.quantize(x, "nvfp4|1x16|nearest|-", None, "m:forward:lhs")
+        with observe_quantization(lambda label, t, qt: scoped.append(label)):
+            torch.ops.fp4compile.quantize(x, "nvfp4|1x16|nearest|-", None, "m:input_grad:lhs")
+    finally:
+        set_process_observer(previous)
+    torch.ops.fp4compile.quantize(x, "nvfp4|1x16|nearest|-", None, "m:weight_grad:lhs")
+    assert process == ["m:forward:lhs"] and scoped == ["m:input_grad:lhs"]
