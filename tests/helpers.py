@@ -7,7 +7,7 @@ import copy
 import torch
 
 import fp4compile
-from fp4compile.policy.precision import LinearPrecision, Role
+from fp4compile.policy.precision import LinearPrecision
 from fp4compile.testing import swap_in_reference
 
 
@@ -32,14 +32,3 @@ def reference_step(model, inputs, precisions: dict[str, LinearPrecision], seed=1
     loss = ref(*inputs)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in ref.named_parameters()}
-
-
-def precisions_from_rows(rows) -> dict[str, LinearPrecision]:
-    """The per-module LinearPrecision the backend chose, read back from its precision table."""
-    from fp4compile.policy.precision import GemmPrecision, OperandPrecision
-
-    by_module: dict[str, dict[str, GemmPrecision]] = {}
-    for r in rows:
-        # Rows describe operands for humans; recover exact precisions from the recipe instead in tests.
-        by_module.setdefault(r.module, {})[r.role] = r.precision
-    return by_module

@@ -4,7 +4,6 @@ and resume, and a property-based fuzz of the quantizer and of small models throu
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

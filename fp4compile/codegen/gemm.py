@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..numerics.formats import E2M1_MAX, Fp4Format
+from ..numerics.formats import Fp4Format
 from ..numerics.gemm import check_gemm_operands, gemm_reference
 from ..numerics.qtensor import QuantizedTensor
 from .quantize import (

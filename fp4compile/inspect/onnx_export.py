@@ -185,7 +185,6 @@ def _prepare(rewritten: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
     if len(placeholders) != len(example_inputs):
         raise ValueError(f"export_onnx: the graph has {len(placeholders)} inputs but {len(example_inputs)} example "
                          f"inputs were given")
-    env: dict[fx.Node, Any] = dict(zip(placeholders, example_inputs))
     user_inputs: list[torch.Tensor] = []
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(value, torch.Tensor):

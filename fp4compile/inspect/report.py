@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any, Optional
 
-from .layout import REPORT, DumpData, GraphCode, load_dump
+from .layout import REPORT, DumpData, load_dump
 
 __all__ = ["render_report", "write_report", "graph_svg", "sqnr_plot_svg"]
 

@@ -29,6 +29,8 @@ def _q(x, op: OperandPrecision):
     return fp4compile.quantize(x, op.format, op.block, op.rounding, seed, 0, op.hadamard, impl="reference")
 
 
+# The padding below deliberately restates the op's convention instead of importing it: an oracle that shares
+# code with what it checks cannot see that code's bugs (a mutation padding with ones went unnoticed when shared).
 def _token_multiple(g) -> int:
     """Weight-gradient operands are zero-padded along tokens to a whole number of blocks (and of 16-runs for
     the Hadamard transform)."""
