@@ -5,7 +5,8 @@
 
 Modes: ``eager-bf16``; ``inductor-bf16`` (torch.compile); ``fakequant-eager`` and ``fakequant-compiled`` (the
 NV recipe as plain-PyTorch fake quantization: fp4compile.testing's module swap, eager and under
-torch.compile); ``fp4`` (``backend="fp4"``, the NV recipe). Every model has bf16 parameters and a fused AdamW.
+torch.compile); ``fp4`` (``backend="fp4"``, the NV recipe), ``fp4-cudagraphs`` (the same with CUDA graphs) and
+``fp4-cudagraphs-gemm-op`` (the same with every FP4 GEMM on the ``fp4compile::gemm`` op, ``MODE_ENV``). Every model has bf16 parameters and a fused AdamW.
 Per mode: median step time over ``--steps`` steps after ``--warmup`` (CUDA events around each whole step),
 tokens/s, peak memory, compile time (the warm-up steps), and the ratio to inductor-bf16.
 """
@@ -39,7 +40,9 @@ MODELS = {
     "small": (lambda: GPT(GPTConfig(256, 256, 6, 6, 384)), 64, 256),
 }
 MODES = ("eager-bf16", "inductor-bf16", "inductor-bf16-cudagraphs", "fakequant-eager", "fakequant-compiled", "fp4",
-         "fp4-cudagraphs")
+         "fp4-cudagraphs", "fp4-cudagraphs-gemm-op")
+#: Settings a mode runs under (fp4compile.env), for A/B comparisons of the backend's choices in one run.
+MODE_ENV = {"fp4-cudagraphs-gemm-op": {"FP4COMPILE_GEMM_IN_GRAPH": "0"}}
 
 
 def _fake_quant_precisions(model: torch.nn.Module, recipe) -> dict[str, LinearPrecision]:
@@ -68,7 +71,7 @@ def build(model_name: str, mode: str, device: str):
         step_model = torch.compile(model, mode="reduce-overhead")
     elif mode.startswith("fp4"):
         step_model = torch.compile(model, backend=fp4compile.backend(
-            policy=fp4compile.recipes.nvfp4(), cudagraphs=mode.endswith("cudagraphs")))
+            policy=fp4compile.recipes.nvfp4(), cudagraphs="cudagraphs" in mode))
     else:
         step_model = model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
@@ -76,6 +79,19 @@ def build(model_name: str, mode: str, device: str):
 
 
 def run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -> dict:
+    saved = {k: os.environ.get(k) for k in MODE_ENV.get(mode, {})}
+    os.environ.update(MODE_ENV.get(mode, {}))
+    try:
+        return _run_mode(model_name, mode, steps, warmup, device)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -> dict:
     # Peak memory over the whole run, warm-up included: CUDA-graph pools are allocated while recording.
     torch.cuda.reset_peak_memory_stats()
     model, step_model, opt, batch, seq = build(model_name, mode, device)

@@ -3,6 +3,9 @@
 - ``FP4COMPILE_DUMP=<dir>``: write what the compiler decided (``precision_table.json`` and more) to ``<dir>``.
 - ``FP4COMPILE_VERIFY=1``: run the graph verifier after every pass (the tests turn it on).
 - ``FP4COMPILE_INNER=inductor|aot_eager|eager``: the compiler for everything that is not an FP4 GEMM.
+- ``FP4COMPILE_GEMM_IN_GRAPH=1|0``: force the dense FP4 GEMM path to be written as graph ops (matmul, alpha,
+  bias; Inductor fuses the epilogue) or as the ``fp4compile::gemm`` op; unset, the backend picks per shape
+  (`fp4compile.ops.linear.gemm_in_graph`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-__all__ = ["dump_dir", "verify_passes", "inner_compiler"]
+__all__ = ["dump_dir", "verify_passes", "inner_compiler", "gemm_in_graph"]
 
 
 def dump_dir() -> Optional[str]:
@@ -23,3 +26,15 @@ def verify_passes() -> bool:
 
 def inner_compiler() -> Optional[str]:
     return os.environ.get("FP4COMPILE_INNER") or None
+
+
+def gemm_in_graph() -> Optional[bool]:
+    """``FP4COMPILE_GEMM_IN_GRAPH`` as a forced choice, or None when unset (automatic)."""
+    value = os.environ.get("FP4COMPILE_GEMM_IN_GRAPH", "").strip().lower()
+    if not value:
+        return None
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise ValueError(f"FP4COMPILE_GEMM_IN_GRAPH: expected 1 or 0 (or unset), got {value!r}")

@@ -64,6 +64,24 @@ def test_llama_step_equals_eager_reference():
     _assert_same_step(compiled, reference)
 
 
+@pytest.mark.parametrize("in_graph", ["1", "0"])
+def test_gemm_written_as_graph_ops_equals_reference(monkeypatch, in_graph):
+    """The dense GEMM path written as graph ops (matmul, alpha, bias, cast; Inductor fuses the epilogue on
+    CUDA) computes what `gemm_reference` computes, in the same order, so the step stays bit-exact."""
+    monkeypatch.setenv("FP4COMPILE_GEMM_IN_GRAPH", in_graph)
+    torch.manual_seed(0)
+    model = GPT(n_layer=3)
+    inputs = batch()
+    compiled = compiled_step(model, inputs, inner="aot_eager")
+    _assert_same_step(compiled, reference_step(model, inputs, _expected_gpt((1,))))
+    code = compiled[2].reports[0].aot_code
+    # Forward: 4 GEMMs of block 1, both operands exact fp16. Backward: 4 input-gradient GEMMs in the graph;
+    # the weight-gradient GEMMs consume the packed x^T, so they stay on the op.
+    fwd_ops = code["forward"].count("fp4compile.gemm.default")
+    bwd_ops = code["backward"].count("fp4compile.gemm.default")
+    assert (fwd_ops, bwd_ops) == ((0, 4) if in_graph == "1" else (4, 8)), (fwd_ops, bwd_ops)
+
+
 def test_fp4_all_the_way_step_equals_reference():
     torch.manual_seed(0)
     model = GPT(n_layer=3)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..policy.precision import GemmPrecision, LinearPrecision, OperandPrecision
 from ..numerics.formats import Rounding
 from ..numerics.hadamard import HADAMARD_SIZE
+from .. import env
 from . import library  # noqa: F401  (registers torch.ops.fp4compile.*)
 
 __all__ = ["fp4_linear", "Fp4LinearFunction"]
@@ -51,10 +52,58 @@ def _quantize(x: torch.Tensor, op: OperandPrecision, label: str, with_dequantize
 
 
 def _gemm(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
+    """The GEMM of two ``fp4compile::quantize`` results: written into the graph as a dense matmul plus its
+    epilogue when `gemm_in_graph` says so, else the ``fp4compile::gemm`` op."""
+    if gemm_in_graph(a, b, precision, b_transposed):
+        return _dense_gemm(a, b, b_transposed, bias, out_dtype)
     return torch.ops.fp4compile.gemm(
         *a[:3], *b[:3], bias, precision.lhs.encode(), precision.rhs.encode(), b_transposed, out_dtype,
         a[3] if len(a) > 3 else None, b[3] if len(b) > 3 else None,
     )
+
+
+def gemm_in_graph(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool) -> bool:
+    """Whether the GEMM is written as graph ops (``mm`` with an FP32 result, ``* alpha``, ``+ bias``, cast).
+
+    That is the ``cublas_dequant`` path of `fp4compile.codegen.gemm` with its epilogue left to Inductor, which
+    fuses ``C * alpha + bias`` into the next elementwise kernel instead of a separate pass over C (the pass
+    cost as much as the GEMM itself at K = 768 on the H100, docs/benchmarks.md). Taken on CUDA when both
+    exact operands were written by the quantize kernel and `choose_gemm_path` picks ``cublas_dequant`` for
+    the shape; the ``FP4COMPILE_GEMM_IN_GRAPH`` setting (`fp4compile.env`) forces it on or off.
+    """
+    if len(a) < 4 or len(b) < 4 or a[3].numel() == 0 or b[3].numel() == 0:
+        return False
+    if a[3].dtype != torch.float16 or b[3].dtype != torch.float16:
+        return False  # non-E4M3 scales: the exact operand is float32, left to the reference path
+    forced = env.gemm_in_graph()
+    if forced is not None:
+        return forced
+    if not a[3].is_cuda:
+        return False
+    from ..codegen import triton_available
+
+    if not triton_available():
+        return False
+    from ..codegen.gemm import choose_gemm_path
+
+    m, k = a[3].shape
+    n = b[3].shape[1] if b_transposed else b[3].shape[0]
+    return choose_gemm_path(m, n, k, precision.lhs.format, a[3].device) == "cublas_dequant"
+
+
+def _dense_gemm(a: tuple, b: tuple, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
+    """``(D_a D_b) (A_u B_u^T) (+ bias)`` in the reference's order (`fp4compile.numerics.gemm_reference`):
+    the exact fp16 operands multiply with FP32 accumulation, then alpha, then bias in float32, then the cast."""
+    a16, b16 = a[3], b[3]
+    b_kn = b16 if b_transposed else b16.t()
+    if a16.is_cuda:
+        acc = torch.mm(a16, b_kn, out_dtype=torch.float32)
+    else:  # no fp16 -> fp32 mm on CPU; fp16 values are exact in fp32, so it is the same product
+        acc = a16.float() @ b_kn.float()
+    c = acc * (a[2] * b[2])
+    if bias is not None:
+        c = c + bias.to(torch.float32)
+    return c.to(out_dtype)
 
 
 def _token_multiple(precision: GemmPrecision) -> int:
