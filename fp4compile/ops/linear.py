@@ -42,7 +42,17 @@ def _seed_for(op: OperandPrecision, device: torch.device) -> Optional[torch.Tens
     replays then draw fresh keys through PyTorch's graph-safe generator)."""
     if op.rounding is not Rounding.STOCHASTIC:
         return None
-    return torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device)
+    return _fold_rank(torch.randint(0, _SEED_HIGH, (), dtype=torch.int64, device=device))
+
+
+def _fold_rank(key: torch.Tensor) -> torch.Tensor:
+    """Ranks are seeded alike, so they draw the same key: XOR in a per-rank constant (`rank_key_salt`, a Python
+    int fixed when the op is traced) so no two ranks share noise. Rank 0 and single processes keep the drawn
+    key, hence exactly the keys of a run without torch.distributed."""
+    from ..distributed import rank_key_salt  # here, not at import: fp4compile.distributed imports the backend
+
+    salt = rank_key_salt()
+    return key if salt == 0 else torch.bitwise_xor(key, salt)
 
 
 def _quantize(x: torch.Tensor, op: OperandPrecision, label: str, with_dequantized: bool = False) -> tuple:
