@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--model", default="gpt2-small")
     p.add_argument("--mode", default="fp4")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--top", type=int, default=15, help="how many kernels to list")
     args = p.parse_args()
     model, step_model, opt, batch, seq = build(args.model, args.mode, "cuda")
     vocab = model.lm_head.out_features if hasattr(model, "lm_head") else model.output.out_features
@@ -71,7 +72,7 @@ def main() -> None:
     for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
         print(f"  {cat:14s} {t:8.2f} ms  {100 * t / busy:5.1f}% of GPU time")
     print("top kernels (ms/step, launches/step):")
-    for name, (t, n) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:15]:
+    for name, (t, n) in sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"  {t:7.2f}  {n:5d}  {name[:110]}")
     cpu_ops = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
                      key=lambda e: -e.self_cpu_time_total)[:8]
