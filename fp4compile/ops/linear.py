@@ -78,7 +78,8 @@ def gemm_in_graph(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bo
     That is the ``cublas_dequant`` path of `fp4compile.codegen.gemm` with its epilogue left to Inductor, which
     fuses ``C * alpha + bias`` into the next elementwise kernel instead of a separate pass over C (the pass
     cost as much as the GEMM itself at K = 768 on the H100, docs/benchmarks.md). Taken on CUDA when both
-    exact operands were written by the quantize kernel and the GPU has no native FP4 GEMM; the ``FP4COMPILE_GEMM_IN_GRAPH`` setting (`fp4compile.env`) forces it on or off.
+    exact operands were written by the quantize kernel and the GPU has no native FP4 GEMM; the
+    ``FP4COMPILE_GEMM_IN_GRAPH`` setting (`fp4compile.env`) forces it on or off.
     """
     if len(a) < 4 or len(b) < 4 or a[3].numel() == 0 or b[3].numel() == 0:
         return False
