@@ -1,5 +1,25 @@
 """fp4compile across processes: FSDP2 (``fully_shard``) and DistributedDataParallel.
 
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    model = torch.compile(model, backend="fp4", options={"model": model})     # or compile each block
+
+Giving the backend the model (`ModelLayout`): Dynamo does not always hand the backend the whole model in one
+graph. FSDP2's hooks are excluded from tracing, so a whole-model compile breaks at every sharded block and
+Dynamo compiles each block's forward as a graph of its own, whose module paths start inside the block
+(``attn.c_attn``) and which it then reuses for every block of the same shape; per-block ``torch.compile``
+does the same; DDP's graph splitting (``optimize_ddp``) cuts the model at bucket boundaries. A recipe that
+treats the first and last blocks differently (the NV recipe) cannot be applied from such a graph alone. With
+the model, the backend knows the block stack (prefix and length) and, for a graph traced from one block's
+forward, which block each call runs: it compiles one variant per block, picked at call time by the identity of
+the block's weights (`GraphRoute`), so every block gets the precisions and precision-table rows that a
+whole-model compile in one process gives.
+
+What FSDP2 hands the compiled graph: the unsharded weights as plain tensors (FSDP2 all-gathers them in its
+pre-forward hook, outside the graph), not DTensors. Each rank therefore quantizes the full weight, with the
+full weight's amax: every rank gets the same codes and scales.
+
 Stochastic-rounding keys per rank (`rank_key_salt`): every quantization draws its Philox key from torch's
 generator, and ranks are usually seeded alike, so without more they would round with the same noise. The key
 is XOR-ed with a constant derived from the process's global rank; rank 0, and any process without an
@@ -10,11 +30,19 @@ were. The rank is a Python int read when the op is traced, so the fold is one te
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
+import weakref
+from typing import Any, Optional, Sequence
 
 import torch
+import torch.fx as fx
 
-__all__ = ["process_rank", "rank_key_salt"]
+from .passes.annotate_layers import BlockPlacement, block_index
+
+__all__ = ["process_rank", "rank_key_salt", "BlockStack", "find_block_stack", "ModelLayout", "model_layout",
+           "GraphRoute", "route_graph", "split_warning", "unplaced_warning"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,3 +69,171 @@ def rank_key_salt(rank: int | None = None) -> int:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
         raise ValueError(f"rank must be an int >= 0, got {rank!r}")
     return (rank * _GOLDEN) & ((1 << _KEY_BITS) - 1)
+
+
+# Module-path components that wrappers insert (torch.compile's OptimizedModule, activation checkpointing,
+# FSDP1): dropped so that a wrapped model has the paths of the unwrapped one.
+_WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def _unwrapped(path: str) -> str:
+    return ".".join(part for part in path.split(".") if part not in _WRAPPER_COMPONENTS)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStack:
+    """A model's stack of repeated blocks: module-path ``prefix`` (``transformer.h``) and ``count`` blocks."""
+
+    prefix: str
+    count: int
+
+
+def find_block_stack(model: torch.nn.Module) -> Optional[BlockStack]:
+    """The block stack of ``model`` by the rule `annotate_layers` applies to one graph: the module-path prefix
+    followed by an integer with the most distinct indices, here among the model's 2-D parameters (the weights
+    a GEMM can use). None if no parameter path has an integer component."""
+    indices: dict[str, set[int]] = collections.defaultdict(set)
+    for name, param in model.named_parameters():
+        if param.ndim != 2:
+            continue
+        found = block_index(_unwrapped(name))
+        if found:
+            indices[found[0]].add(found[1])
+    if not indices:
+        return None
+    prefix = max(indices, key=lambda p: len(indices[p]))
+    return BlockStack(prefix, max(indices[prefix]) + 1)
+
+
+class ModelLayout:
+    """What the backend knows about the model it compiles: its block stack, and which block a tensor is a
+    parameter of (by identity: FSDP2 swaps its unsharded parameters into the modules for the forward, and
+    keeps the same tensor objects from step to step, so the map is rebuilt only when a tensor is new).
+
+    The model is held weakly: a layout does not keep a model alive.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._model = weakref.ref(model)
+        self.stack = find_block_stack(model)
+        self._owners: dict[int, tuple[weakref.ref, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"ModelLayout({self.stack})"
+
+    def _rescan(self) -> None:
+        model = self._model()
+        self._owners.clear()
+        if model is None or self.stack is None:
+            return
+        # remove_duplicate=False: a tied weight is seen under every name (the head's owner then decides).
+        for name, param in model.named_parameters(remove_duplicate=False):
+            found = block_index(_unwrapped(name))
+            if found and found[0] == self.stack.prefix:
+                self._owners[id(param)] = (weakref.ref(param), found[1])
+
+    def block_of(self, tensor: Any) -> Optional[int]:
+        """The index of the stack block that ``tensor`` is a parameter of now, or None."""
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        hit = self._owners.get(id(tensor))
+        if hit is None or hit[0]() is not tensor:
+            self._rescan()
+            hit = self._owners.get(id(tensor))
+        return hit[1] if hit is not None and hit[0]() is tensor else None
+
+
+# One layout per model, so that backends built for the same model compare equal (Dynamo compares backends).
+_LAYOUTS: "weakref.WeakKeyDictionary[torch.nn.Module, ModelLayout]" = weakref.WeakKeyDictionary()
+
+
+def model_layout(model: torch.nn.Module) -> ModelLayout:
+    """The `ModelLayout` of ``model`` (the same object for the same model)."""
+    layout = _LAYOUTS.get(model)
+    if layout is None:
+        layout = _LAYOUTS[model] = ModelLayout(model)
+    return layout
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphRoute:
+    """How the backend places one Dynamo graph in the model's block stack.
+
+    ``per_call`` False: every call gets ``placement`` (None: the graph decides alone, as without a model).
+    ``per_call`` True: the graph was traced from one block's forward and Dynamo reuses it for every block;
+    `at_call` reads which block a call runs from the identity of its weight arguments (``positions``).
+    """
+
+    placement: Optional[BlockPlacement] = None
+    per_call: bool = False
+    layout: Optional[ModelLayout] = None
+    positions: tuple[int, ...] = ()
+
+    def at_call(self, args: Sequence[Any]) -> Optional[BlockPlacement]:
+        if not self.per_call:
+            return self.placement
+        assert self.layout is not None and self.layout.stack is not None
+        blocks = {self.layout.block_of(args[i]) for i in self.positions if i < len(args)}
+        blocks.discard(None)
+        if len(blocks) != 1:
+            return None
+        return BlockPlacement(self.layout.stack.prefix, self.layout.stack.count, blocks.pop())
+
+    def name(self, graph_id: str, placement: Optional[BlockPlacement]) -> str:
+        """The report name of the variant compiled for ``placement`` (one per block for per-call routes)."""
+        if not self.per_call or placement is None or placement.block is None:
+            return graph_id
+        return f"{graph_id}@{placement.stack}.{placement.block}"
+
+
+def _graph_paths(gm: fx.GraphModule) -> set[str]:
+    from .passes.find_gemms import module_path
+
+    return {module_path(str(entry[0])) for node in gm.graph.nodes
+            for entry in (node.meta.get("nn_module_stack") or {}).values()}
+
+
+def route_graph(layout: ModelLayout, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphRoute:
+    """The `GraphRoute` of ``gm`` in ``layout``'s model.
+
+    A graph whose module paths reach into the stack (a whole-model graph, or a DDP split) is placed once: its
+    block indices count against the model's stack. A graph whose paths never do, and whose weight inputs are
+    parameters, was traced from inside one block: it is routed per call.
+    """
+    stack = layout.stack
+    if stack is None:
+        return GraphRoute()
+    placement = BlockPlacement(stack.prefix, stack.count)
+    for path in _graph_paths(gm):
+        found = block_index(path)
+        if found and placement.in_stack(found[0]):
+            return GraphRoute(placement)
+    positions = tuple(i for i, x in enumerate(example_inputs)
+                      if isinstance(x, torch.Tensor) and x.ndim == 2 and x.requires_grad)
+    if not positions:
+        return GraphRoute(placement)
+    return GraphRoute(per_call=True, layout=layout, positions=positions)
+
+
+def split_warning(gm: fx.GraphModule, graph_id: str) -> Optional[str]:
+    """The warning for a graph that DDP's graph splitting produced, when the backend was not given the
+    model (each split holds part of the block stack, so first/last blocks would be counted per split)."""
+    if "DDPOptimizer" not in str(getattr(gm, "compile_subgraph_reason", "")):
+        return None
+    return (f"fp4compile: {graph_id} is one of the graphs DDP's graph splitting (torch._dynamo.config.optimize_ddp)"
+            " made: without the model the first and last blocks are counted in each split, not in the model;"
+            " pass it, torch.compile(ddp_model, backend='fp4', options={'model': ddp_model}), or set"
+            " torch._dynamo.config.optimize_ddp = False")
+
+
+def unplaced_warning(graph_id: str, modules: Sequence[str]) -> Optional[str]:
+    """The warning for a graph of weight GEMMs outside any block stack in a distributed run without the
+    model: under FSDP2 or per-block compile it is one block's forward, reused for every block."""
+    if not modules or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    shown = ", ".join(sorted(set(modules))[:4])
+    return (f"fp4compile: {graph_id}'s weight GEMMs ({shown}) lie in no block stack: under FSDP2 or per-block"
+            " torch.compile this graph is one block's forward, which Dynamo reuses for every block, so the"
+            " recipe's first/last-block rules cannot be applied; pass the model: options={'model': model}")

@@ -21,8 +21,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch.fx as fx
 
 from .. import env
+from ..distributed import GraphRoute, ModelLayout, model_layout, route_graph, split_warning, unplaced_warning
 from ..inspect.table import TableRow, precision_table, rows_to_json, rows_to_markdown
-from ..passes.pipeline import run_passes
+from ..passes.annotate_layers import PLACEMENT, BlockPlacement
+from ..passes.pipeline import copy_graph_module, run_passes
 from ..policy.recipe import Policy
 from ..policy.schedule import FP4_PHASE, Phase, PhaseSource, StepCounter
 from .inner import INNER_COMPILERS, compile_inner
@@ -65,13 +67,18 @@ class Fp4Backend:
         verify: run the graph verifier after every pass (default: ``FP4COMPILE_VERIFY``).
         cudagraphs: capture the compiled graphs in CUDA graphs (Inductor only; what
             ``torch.compile(mode="reduce-overhead")`` asks for).
+        model: the model being compiled (its root module). Needed when Dynamo hands the model over in parts
+            (FSDP2, per-block compile, DDP's graph splitting): block indices then count against the model's
+            whole block stack, and a graph traced from one block's forward is compiled once per block
+            (`fp4compile.distributed`). Held weakly.
     """
 
     __name__ = "fp4"
 
     def __init__(self, policy: Optional[Policy] = None, inner: Optional[str] = None,
                  step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
-                 verify: Optional[bool] = None, cudagraphs: bool = False) -> None:
+                 verify: Optional[bool] = None, cudagraphs: bool = False,
+                 model: "Optional[torch.nn.Module]" = None) -> None:
         self.policy = policy if policy is not None else _default_policy()
         if not callable(getattr(self.policy, "decide", None)):
             raise TypeError(f"policy must have a decide(site, role) method, got {type(self.policy).__name__}")
@@ -82,12 +89,13 @@ class Fp4Backend:
         self.dump_dir = dump_dir if dump_dir is not None else env.dump_dir()
         self.verify = env.verify_passes() if verify is None else verify
         self.cudagraphs = bool(cudagraphs)
+        self.layout: Optional[ModelLayout] = model_layout(model) if model is not None else None
         self.reports: list[CompileReport] = []
         self._graph_ids = itertools.count()
 
     # Dynamo compares backends to decide whether a cached frame can be reused.
     def _key(self) -> tuple:
-        return (repr(self.policy), self.inner, id(self.step_counter), self.dump_dir, self.cudagraphs)
+        return (repr(self.policy), self.inner, id(self.step_counter), self.dump_dir, self.cudagraphs, id(self.layout))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Fp4Backend) and self._key() == other._key()
@@ -112,23 +120,39 @@ class Fp4Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
         graph_id = f"graph_{next(self._graph_ids)}"
         schedule = self.schedule
-        if schedule is None:
-            return self._compile_phase(gm, example_inputs, graph_id, FP4_PHASE)
-        compiled: dict[Phase, Callable] = {}
+        route = route_graph(self.layout, gm, example_inputs) if self.layout is not None else GraphRoute()
+        if self.layout is None and (warning := split_warning(gm, graph_id)):
+            logger.warning(warning)
+        if schedule is None and not route.per_call:
+            return self._compile_phase(gm, example_inputs, graph_id, FP4_PHASE, route.placement)
+        # One variant per schedule phase and, for a graph Dynamo reuses for every block, per block.
+        compiled: dict[tuple[Phase, Optional[BlockPlacement]], Callable] = {}
+
+        def variant(args: Sequence[Any]) -> Callable:
+            phase = schedule.phase_at(self.step_counter.step) if schedule is not None else FP4_PHASE
+            placement = route.at_call(args)
+            fn = compiled.get((phase, placement))
+            if fn is None:
+                name = route.name(graph_id, placement)
+                logger.info("fp4compile: compiling %s for schedule phase %r", name, phase.name)
+                # A block's variant is compiled with that block's live arguments: under FSDP2 the example
+                # inputs, another block's unsharded weights, may have been freed since.
+                inputs = args if route.per_call else example_inputs
+                fn = compiled[(phase, placement)] = self._compile_phase(gm, inputs, name, phase, placement)
+            return fn
 
         def run(*args: Any) -> Any:
-            phase = schedule.phase_at(self.step_counter.step)
-            fn = compiled.get(phase)
-            if fn is None:
-                logger.info("fp4compile: compiling %s for schedule phase %r", graph_id, phase.name)
-                fn = compiled[phase] = self._compile_phase(gm, example_inputs, graph_id, phase)
-            return fn(*args)  # what Dynamo does with a backend's result, whatever its calling-convention flags
+            return variant(args)(*args)  # what Dynamo does with a backend's result, whatever its calling-convention flags
 
-        first = schedule.phase_at(self.step_counter.step)
-        compiled[first] = self._compile_phase(gm, example_inputs, graph_id, first)
+        if not route.per_call or route.at_call(example_inputs) is not None:
+            variant(example_inputs)  # compile the first variant now, as Dynamo expects
         return run
 
-    def _compile_phase(self, gm: fx.GraphModule, example_inputs: Sequence[Any], graph_id: str, phase: Phase) -> Callable:
+    def _compile_phase(self, gm: fx.GraphModule, example_inputs: Sequence[Any], graph_id: str, phase: Phase,
+                       placement: Optional[BlockPlacement] = None) -> Callable:
+        if placement is not None:
+            gm = copy_graph_module(gm)  # the placement differs per variant: Dynamo's graph stays untouched
+            gm.meta[PLACEMENT] = placement
         result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify)
         report = CompileReport(graph_id, phase.name, precision_table(result.annotated, graph_id), result.snapshots)
         self.reports.append(report)
@@ -136,6 +160,9 @@ class Fp4Backend:
             listed = "; ".join(f"{r.module or r.node} {r.role}: {r.reason}" for r in report.fallbacks)
             logger.warning("fp4compile: %d GEMM role(s) fall back to high precision in %s: %s",
                            len(report.fallbacks), graph_id, listed)
+        if self.layout is None and all(r.layer is None for r in report.rows) and (
+                warning := unplaced_warning(graph_id, [r.module for r in report.rows])):
+            logger.warning(warning)
 
         def record(label: str, graph: fx.GraphModule) -> None:
             report.aot_code[label] = graph.code
@@ -176,9 +203,10 @@ _REGISTRY: dict[tuple, Fp4Backend] = {}
 
 def backend(policy: Optional[Policy] = None, inner: Optional[str] = None,
             step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
-            verify: Optional[bool] = None, cudagraphs: bool = False) -> Fp4Backend:
-    """The `Fp4Backend` for this configuration (the same instance for the same configuration)."""
-    candidate = Fp4Backend(policy, inner, step_counter, dump_dir, verify, cudagraphs)
+            verify: Optional[bool] = None, cudagraphs: bool = False,
+            model: "Optional[torch.nn.Module]" = None) -> Fp4Backend:
+    """The `Fp4Backend` for this configuration (the same instance for the same configuration and model)."""
+    candidate = Fp4Backend(policy, inner, step_counter, dump_dir, verify, cudagraphs, model)
     key = candidate._key() + (candidate.verify,)
     return _REGISTRY.setdefault(key, candidate)
 
@@ -187,7 +215,7 @@ def fp4_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
                 mode: Optional[str] = None) -> Callable:
     """The entry point behind ``backend="fp4"``; ``options`` are `backend`'s keyword arguments."""
     options = dict(options or {})
-    allowed = {"policy", "inner", "step_counter", "dump_dir", "verify", "cudagraphs"}
+    allowed = {"policy", "inner", "step_counter", "dump_dir", "verify", "cudagraphs", "model"}
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"backend 'fp4': unknown option(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
