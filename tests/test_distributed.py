@@ -289,3 +289,37 @@ def test_ddp_without_the_model_warns_and_optimize_ddp_off_needs_nothing(ranks):
         assert plain["rows"] != single  # what the warning is about: each split counts its own first/last block
         unsplit = r["ddp_unsplit"]
         assert unsplit["graphs"] == 1 and unsplit["rows"] == single and not unsplit["warnings"]
+
+
+def test_fsdp_example_trains_on_cpu_like_one_process(tmp_path):
+    """examples/train_gpt_fsdp.py as a user runs it (torchrun, two gloo ranks, the tiny model) and with
+    --single on the same global batch; benchmarks/bench_fsdp.py's table reads what they wrote. Step 0's
+    forward is round-to-nearest only, so the two losses differ only through the ranks' activation amax."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    example = os.path.join(root, "examples", "train_gpt_fsdp.py")
+    common = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    launches = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", example,
+                 "--fsdp", *common], [sys.executable, example, "--single", *common]]
+    for cmd in launches:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    fsdp = json.load(open(tmp_path / "fsdp-fp4-blocks-w2.json"))
+    single = json.load(open(tmp_path / "single-fp4-model-w1.json"))
+    assert fsdp["world"] == 2 and fsdp["tokens_per_step_per_gpu"] * 2 == single["tokens_per_step_per_gpu"]
+    assert len(fsdp["losses"]) == 2 and all(l == l and l > 0 for l in fsdp["losses"])  # finite, not NaN
+    assert abs(fsdp["losses"][0] - single["losses"][0]) <= 1e-3 * single["losses"][0]
+    assert fsdp["tokens_per_s_per_gpu"] > 0 and fsdp["median_step_s"] > 0
+
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import bench_fsdp
+    finally:
+        sys.path.pop(0)
+    order = bench_fsdp.runs(2)
+    table, summary = bench_fsdp.summarize({order[0].name: fsdp, order[2].name: single}, order, steps=2)
+    assert "not run" in table and "failed" not in table  # the bf16 run was not made here
+    assert summary["max_abs_loss_diff"] == max(abs(a - b) for a, b in zip(fsdp["losses"], single["losses"]))
