@@ -118,14 +118,16 @@ class ModelLayout:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._model = weakref.ref(model)
         self.stack = find_block_stack(model)
-        self._owners: dict[int, tuple[weakref.ref, int]] = {}
+        self._owners: dict[int, tuple[weakref.ref, Optional[int]]] = {}
 
     def __repr__(self) -> str:
         return f"ModelLayout({self.stack})"
 
     def _rescan(self) -> None:
+        """Add the model's current parameters to the map. Entries are kept, not cleared: under FSDP2 a block's
+        unsharded parameters are in the module only while it runs, and must still be known at its next call."""
         model = self._model()
-        self._owners.clear()
+        self._owners = {k: v for k, v in self._owners.items() if v[0]() is not None}
         if model is None or self.stack is None:
             return
         # remove_duplicate=False: a tied weight is seen under every name (the head's owner then decides).
@@ -135,14 +137,17 @@ class ModelLayout:
                 self._owners[id(param)] = (weakref.ref(param), found[1])
 
     def block_of(self, tensor: Any) -> Optional[int]:
-        """The index of the stack block that ``tensor`` is a parameter of now, or None."""
+        """The index of the stack block that ``tensor`` is a parameter of, or None (remembered too, so that a
+        tensor outside the stack costs one scan of the model, not one per call)."""
         if not isinstance(tensor, torch.Tensor):
             return None
         hit = self._owners.get(id(tensor))
         if hit is None or hit[0]() is not tensor:
             self._rescan()
             hit = self._owners.get(id(tensor))
-        return hit[1] if hit is not None and hit[0]() is tensor else None
+            if hit is None or hit[0]() is not tensor:
+                hit = self._owners[id(tensor)] = (weakref.ref(tensor), None)
+        return hit[1]
 
 
 # One layout per model, so that backends built for the same model compare equal (Dynamo compares backends).

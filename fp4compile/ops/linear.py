@@ -49,7 +49,7 @@ def _fold_rank(key: torch.Tensor) -> torch.Tensor:
     """Ranks are seeded alike, so they draw the same key: XOR in a per-rank constant (`rank_key_salt`, a Python
     int fixed when the op is traced) so no two ranks share noise. Rank 0 and single processes keep the drawn
     key, hence exactly the keys of a run without torch.distributed."""
-    from ..distributed import rank_key_salt  # here, not at import: fp4compile.distributed imports the backend
+    from ..distributed import rank_key_salt  # not at import: distributed -> passes -> this module
 
     salt = rank_key_salt()
     return key if salt == 0 else torch.bitwise_xor(key, salt)
