@@ -19,6 +19,7 @@ triton = pytest.importorskip("triton")
 import fp4compile  # noqa: E402
 from fp4compile.numerics.api import check_quantize_args  # noqa: E402
 from fp4compile.numerics.formats import E5M2  # noqa: E402
+from fp4compile.numerics.hadamard import random_hadamard_transform  # noqa: E402
 from fp4compile.numerics.reference import quantize_reference  # noqa: E402
 from fp4compile.numerics.rounding import e2m1_values  # noqa: E402
 from fp4compile.codegen import quantize as cq  # noqa: E402
@@ -225,6 +226,27 @@ def test_stochastic_bit_exact(seed, offset, block):
     _check(x, rounding="stochastic", seed=seed, offset=offset, block=block)
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("block", [(1, 8), (1, 32), (16, 16)])
+def test_stochastic_block_shapes_and_formats(fmt, block):
+    # Every grid interval and both rounding paths of `_e2m1_stochastic` (|v| < 1 by comparison, >= 1 by carry).
+    x = torch.randn(32, 128) * torch.logspace(-2, 2, 128)
+    x[3, :32] = torch.linspace(-6, 6, 32)
+    _check(x, format=fmt, block=block, rounding="stochastic", seed=13, offset=5)
+
+
+def test_bf16_subnormal_inputs():
+    # bf16 subnormals (fp32 subnormals once widened) next to a large tensor amax: blocks whose scale underflows
+    # to 0, so e_b = FLT_MAX scales them up to the E2M1 range, where stochastic rounding needs their exact value.
+    x = torch.zeros(4, 32, dtype=torch.bfloat16)
+    x[0, :16] = -1e-38
+    x[1, :16] = torch.linspace(-1e-38, 1e-38, 16).to(torch.bfloat16)
+    x[2, :16] = 3e-39
+    x[3, 5] = 1e4
+    _check(x, rounding="stochastic", seed=42, offset=1000)
+    _check(x)
+
+
 def test_stochastic_bit_exact_partial_tiles_and_strides():
     _check(torch.randn(3, 5, 48), rounding="stochastic", seed=1, offset=17)
     _check(torch.randn(80, 48).t(), rounding="stochastic", seed=2, offset=0)
@@ -295,6 +317,32 @@ def test_hadamard_column_wise_from_row_major_activation(rounding):
     assert tri.qdata.shape == (48, 48) and tri.scale.shape == (48, 6)
 
 
+@pytest.mark.parametrize("block", [(1, 8), (1, 32), (16, 16)])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_hadamard_other_blocks(block, rounding):
+    # RHT runs of 16 that span two blocks of 8, or lie inside blocks of 32 and 16x16 tiles; column-wise too.
+    x = torch.randn(64, 96) * torch.logspace(-2, 2, 96)
+    _check(x, hadamard=True, block=block, rounding=rounding, seed=3, offset=1)
+    _check(x.t(), hadamard=True, block=block, rounding=rounding, seed=3, offset=1)
+
+
+@pytest.mark.parametrize("tile", [(16, 32, 2, 2, 1), (32, 64, 4, 4, 2), (64, 16, 4, 1, 4), (16, 64, 4, 8, 8)])
+def test_tile_shapes(tile):
+    # Other tiles, row vectors and (amax) programs per SM, (BLOCK_R, BLOCK_K, warps, ROW_VEC, programs per SM) as
+    # --tiles sweeps them on the GPU, give the same bits, partial tiles included.
+    x = torch.randn(48, 96).to(DEVICE)
+    for view, had, rounding in ((x, False, "stochastic"), (x.t(), True, "stochastic"), (x, False, "nearest")):
+        a = check_quantize_args(view, "nvfp4", None, rounding, had)
+        ref = quantize_reference(view.cpu(), a.format, a.block, a.rounding, 7, 3, a.hadamard)
+        tri, deq = cq.quantize_triton(view, a.format, a.block, a.rounding, 7, 3, a.hadamard, torch.float16,
+                                      _tile=tile[:4])
+        assert_bit_exact(ref, tri)
+        assert torch.equal(deq.cpu().float(), ref.dequantize_unscaled().reshape(deq.shape))
+        amax = cq.tensor_amax_triton(view, hadamard=had, _tile=tile)
+        expected = (random_hadamard_transform(view.float().cpu()) if had else view.float().cpu()).abs().max()
+        assert amax.item() == expected.item()
+
+
 def test_hadamard_amax_after_transform():
     x = torch.zeros(1, 16)
     x[0, 0] = 4.0  # after the RHT every element is +-1
@@ -329,6 +377,22 @@ def test_dequantized_operand_is_exact(dtype, block):
     a = check_quantize_args(x, "nvfp4", block, "nearest", False)
     _, fused = cq.quantize_triton(x.to(DEVICE), a.format, a.block, a.rounding, dequantized_dtype=dtype)
     assert torch.equal(fused.cpu().float().nan_to_num(123.0), expected.nan_to_num(123.0))
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_dequantized_operand_column_wise(rounding, hadamard):
+    # The operand written by the quantize kernel for x.t() (and after the RHT): E2M1[c] * d_b, -0.0 included.
+    x = torch.randn(48, 64) * 4
+    x[:16, 3] = -0.0
+    a = check_quantize_args(x.t(), "nvfp4", None, rounding, hadamard)
+    ref = quantize_reference(x.t(), a.format, a.block, a.rounding, 5, 0, a.hadamard)
+    tri, deq = cq.quantize_triton(x.t().to(DEVICE), a.format, a.block, a.rounding, 5, 0, a.hadamard,
+                                  dequantized_dtype=torch.float16)
+    assert_bit_exact(ref, tri)
+    expected = ref.dequantize_unscaled().reshape(64, 48)
+    assert torch.equal(deq.cpu().float(), expected)
+    assert torch.equal(torch.signbit(deq.cpu().float()), torch.signbit(expected))
 
 
 def test_dequantized_operand_mxfp4():

@@ -6,10 +6,17 @@ random Hadamard transform). Every kernel here is bit-exact with `fp4compile.nume
 * every division the spec needs correctly rounded is ``tl.div_rn`` (plain ``/`` is approximate in Triton);
 * E4M3 / UE8M0 rounding is written in integer bit arithmetic, so it runs the same under ``TRITON_INTERPRET=1``
   (no libdevice, no inline PTX) and on the GPU;
-* no multiply feeds an add, so FMA contraction cannot change a rounding (the Hadamard butterflies are adds,
-  the 1/4 and the sign flips are exact);
+* no multiply feeds an add unless the product is exact (a power-of-two scaling), so FMA contraction cannot
+  change a rounding (the Hadamard butterflies are adds, the 1/4 and the sign flips are exact);
 * stochastic rounding draws ``tl.randint4x(seed, offset + i // 4)`` word ``i % 4`` for element ``i`` in
-  row-major order of the quantized ``(rows, K)`` layout, exactly as `fp4compile.numerics.philox.uniform24`.
+  row-major order of the quantized ``(rows, K)`` layout, exactly as `fp4compile.numerics.philox.uniform24`
+  (`_philox4x32` is the same Philox4x32-10, one Philox call per 4 elements).
+
+Speed (issue 5; docs/benchmarks.md has the H100 numbers): each thread holds whole blocks (and whole RHT runs)
+in registers, so block maxima, scales and the packing of 8 codes into an int32 word need no data exchange;
+E2M1 round-to-nearest-even is one float add (`_e2m1_rne`) and stochastic rounding one integer add or one
+compare (`_e2m1_stochastic`) instead of chains of threshold compares; stores go through shared memory into
+whole-line layouts (Triton's conversion).
 
 Two launches per quantization: a reduction for the tensor amax (the tensor scale must be known before any
 block scale, spec step 2), then the quantize kernel. The input is addressed through its strides, so the
@@ -18,6 +25,7 @@ column-wise form ``quantize_triton(x.t(), ...)`` reads the row-major activation 
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -104,19 +112,24 @@ def _e8m0_scale(a, CEIL: tl.constexpr):
 
 
 @triton.jit
-def _butterfly(v, N: tl.constexpr, H: tl.constexpr):
-    """One Sylvester-Hadamard stage on runs of 16: pairs (a, b) at distance H become (a + b, a - b)."""
-    w = tl.reshape(v, (N, 16 // (2 * H), 2, H))
+def _butterfly(w, N: tl.constexpr, H: tl.constexpr):
+    """One Sylvester-Hadamard stage on the runs of 16 of ``w`` (N, 16): pairs (a, b) at distance H become
+    (a + b, a - b). A run lies in one thread's registers, so the reshapes and permutes move no data."""
+    w = tl.reshape(w, (N, 16 // (2 * H), 2, H))
     a, b = tl.split(tl.permute(w, (0, 1, 3, 2)))  # (N, 16/(2H), H) each
     w = tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2))
     return tl.reshape(w, (N, 16))
 
 
 @triton.jit
-def _hadamard16(v, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SIGN_MASK: tl.constexpr):
-    """The RHT of spec section 3 on each run of 16 along axis 1 of the float32 tile ``v``, in the reference's
-    order: sign flips (exact), butterflies at distance 1, 2, 4, 8 (float32 adds), then * 1/4 (exact)."""
-    N: tl.constexpr = BLOCK_R * BLOCK_K // 16
+def _hadamard16(v, BLOCK_R: tl.constexpr, NB_K: tl.constexpr, NCH: tl.constexpr, SIGN_MASK: tl.constexpr,
+                QUARTER: tl.constexpr):
+    """The RHT of spec section 3 on each run of 16 consecutive elements along K of the (BLOCK_R, NB_K, NCH, 8)
+    float32 tile ``v``, in the reference's order: sign flips (exact), butterflies at distance 1, 2, 4, 8 (float32
+    adds), then * 1/4 if QUARTER (exact unless subnormal; rounding is monotonic, so the amax kernel applies it to
+    the maximum instead). Triton's ``-w`` is ``0 - w``: a zero may come out +0 where the reference has -0, which
+    changes no code, scale or operand (both are code 0)."""
+    N: tl.constexpr = BLOCK_R * NB_K * NCH // 2
     w = tl.reshape(v, (N, 16))
     lane = tl.arange(0, 16)
     w = tl.where(((SIGN_MASK >> lane) & 1)[None, :] != 0, -w, w)
@@ -124,19 +137,49 @@ def _hadamard16(v, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SIGN_MASK: tl.c
     w = _butterfly(w, N, 2)
     w = _butterfly(w, N, 4)
     w = _butterfly(w, N, 8)
-    return tl.reshape(w * 0.25, (BLOCK_R, BLOCK_K))
+    if QUARTER:
+        w = w * 0.25
+    return tl.reshape(w, (BLOCK_R, NB_K, NCH, 8))
 
 
 @triton.jit
-def _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k, HADAMARD: tl.constexpr, BLOCK_R: tl.constexpr,
-               BLOCK_K: tl.constexpr, SIGN_MASK: tl.constexpr):
-    """A (BLOCK_R, BLOCK_K) float32 tile of the logical (R, K) matrix (zeros outside), RHT applied if asked."""
-    mask = (rows < R)[:, None] & (cols < K)[None, :]
-    ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_k
-    v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HADAMARD:
-        v = _hadamard16(v, BLOCK_R, BLOCK_K, SIGN_MASK)
-    return v
+def _tile_cols(col0, NB_K: tl.constexpr, NCH: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Columns of a (1, NB_K, NCH, 8) tile view: block b, chunk h, element c is column col0 + b BLOCK_COLS + 8 h + c."""
+    b = tl.arange(0, NB_K)[None, :, None, None]
+    h = tl.arange(0, NCH)[None, None, :, None]
+    c = tl.arange(0, 8)[None, None, None, :]
+    return col0 + b * BLOCK_COLS + h * 8 + c
+
+
+@triton.jit
+def _tile_rows(row0, BLOCK_R: tl.constexpr, ROW_VEC: tl.constexpr):
+    """Rows row0 .. row0 + BLOCK_R - 1, written so that Triton sees runs of only ROW_VEC contiguous rows: a
+    column-wise read (stride_r = 1) then gives each thread ROW_VEC rows (ROW_VEC * 2 bytes of bf16) per load."""
+    a = tl.arange(0, BLOCK_R)
+    return row0 + (a // ROW_VEC) * ROW_VEC + a % ROW_VEC
+
+
+@triton.jit
+def _load_raw(x_ptr, rows, cols, R, K, stride_r, stride_k):
+    """Elements (rows, cols) of the logical (R, K) matrix in x's dtype, zeros outside; ``rows`` and ``cols``
+    broadcast against each other (a (BLOCK_R, 1, 1, 1) and a (1, NB_K, NCH, 8) tile view, or 2D).
+
+    With the tile view, Triton gives the load its threads along the contiguous axis first (up to 16 bytes per
+    thread), then along the other axes in order, so the chunk axis (last in that order) stays in each thread's
+    registers while the row and block axes have threads enough: a thread holds whole blocks (and whole RHT runs),
+    for row-major (stride_k = 1) and column-wise (stride_r = 1) reads alike.
+    """
+    mask = (rows < R) & (cols < K)
+    return tl.load(x_ptr + rows.to(tl.int64) * stride_r + cols.to(tl.int64) * stride_k, mask=mask, other=0.0)
+
+
+@triton.jit
+def _widen(v):
+    """A loaded tile as float32. bf16 is the top half of an fp32: shifted in, exact for subnormals too (the
+    interpreter's cast is not)."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
 
 
 @triton.jit
@@ -145,45 +188,154 @@ def _abs_bits(v):
     return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
 
 
+@triton.jit
+def _e2m1_rne(mag):
+    """E2M1 code (0..7) of float32 ``mag`` in [0, 6], round half to even (spec section 2 step 5), and its value.
+
+    One float add does the rounding: with E = max(floor(log2 mag), 0), E2M1's step in mag's binade is 2^(E-1)
+    (0.5 below 2, 1 in [2, 4), 2 in [4, 6]), which is the ulp of C = 2^(E+22); so ``r = mag + C`` (fp32, RNE) is C
+    plus k steps, k = bits(r) - bits(C) (0..4), and the code is k + 2E. Ties go to the even k, i.e. the even code.
+    """
+    e = tl.maximum(mag.to(tl.int32, bitcast=True) >> 23, 127)  # biased exponent of the binade, >= 1.0's
+    c = ((e + 22) << 23).to(tl.float32, bitcast=True)
+    r = mag + c  # no product feeds this add (mag comes from a min): no FMA contraction
+    code = r.to(tl.int32, bitcast=True) - (e * 0x7FFFFE + (22 << 23) + 254)  # bits(r) - bits(C) + 2 (e - 127)
+    return code, r - c
+
+
+@triton.jit
+def _e2m1_stochastic(mag, words):
+    """Unbiased stochastic E2M1 code (0..7) of float32 ``mag`` in [0, 6] (spec section 2 step 5): up to the next grid
+    point iff u < p, u = (words >> 8) * 2^-24 (uint32 Philox words), p = (mag - lo) / step, as the reference.
+
+    mag >= 1: p = d / 2^22, d the 22 mantissa bits below E2M1's one, so u < p iff (words >> 10) < d iff
+    d + (2^22 - 1 - (words >> 10)) carries into bit 22: one integer add, then the code is bits 22.. less 252.
+    mag < 1: lo = 0.5 k (k = mag >= 0.5), step 0.5: u < p iff n < mag * 2^25 - k * 2^24 (exact), n = words >> 8.
+    """
+    bits = mag.to(tl.int32, bitcast=True)
+    normal = ((bits + (0x3FFFFF - (words >> 10).to(tl.int32))) >> 22) - 252
+    k = mag >= 0.5
+    threshold = mag * 33554432.0 - tl.where(k, 16777216.0, 0.0)  # the product is exact: contraction is harmless
+    small = k.to(tl.int32) + ((words >> 8).to(tl.int32).to(tl.float32) < threshold).to(tl.int32)
+    return tl.where(mag >= 1.0, normal, small)
+
+
+@triton.jit
+def _philox4x32(seed, counter):
+    """``tl.randint4x(seed, counter)`` (Philox4x32-10, counter (lo, hi, 0, 0), key (seed lo, seed hi)), bit for bit,
+    with each round's two 32x32-bit products taken as one 64-bit product (high and low words in one multiply)."""
+    seed = tl.zeros((), tl.int64) + seed  # an int argument, a constexpr (Triton specializes 1) or a loaded key
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = counter.to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    for _ in tl.static_range(10):
+        prod_b = c2.to(tl.uint64) * 0xCD9E8D57
+        prod_a = c0.to(tl.uint64) * 0xD2511F53
+        c0, c1, c2, c3 = ((prod_b >> 32).to(tl.uint32) ^ c1 ^ k0, prod_b.to(tl.uint32),
+                          (prod_a >> 32).to(tl.uint32) ^ c3 ^ k1, prod_a.to(tl.uint32))
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _philox_words(seed, counter, BLOCK_R: tl.constexpr, NB_K: tl.constexpr, NCH: tl.constexpr):
+    """Philox words of the (BLOCK_R, NB_K, NCH, 8) tile from each element's counter ``offset + (row * K + col) // 4``
+    (K is a multiple of 8): element (row, col) draws word col % 4 of ``tl.randint4x(seed, counter)``.
+
+    One Philox call per run of 4: the counters of elements 0 and 4 of each chunk are picked by splits, and the
+    words are interleaved back into chunk order by joins (Triton moves the words, 4 bytes per element, through
+    shared memory once: the Philox math runs in a layout of its own).
+    """
+    lo, _ = tl.split(tl.reshape(counter, (BLOCK_R, NB_K, NCH, 2, 2, 2)))
+    first, _ = tl.split(lo)  # (BLOCK_R, NB_K, NCH, 2): the counters of elements 0 and 4
+    w0, w1, w2, w3 = _philox4x32(seed, first)
+    # join(join(w0, w2), join(w1, w3))[..., g, t, s] = w_(2t + s): flattening (g, t, s) gives the chunk's order.
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R, NB_K, NCH, 8))
+
+
+@triton.jit
+def _e2m1_value(code):
+    """Float32 value of an E2M1 code (0..15): the 3 magnitude bits placed at fp16 bits 9..11 read as an fp16
+    number times 2^14 (code 1 lands on the fp16 subnormal 2^-15), with the sign at bit 15."""
+    half_bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
+def _amax_tile(x_ptr, tile, num_tiles_k, R, K, stride_r, stride_k, HADAMARD: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_K: tl.constexpr, ROW_VEC: tl.constexpr):
+    """Tile ``tile`` (row-tile major) of the amax kernel, raw: in the (row, block, chunk, element) view when the RHT
+    needs whole runs of 16 in a thread, else as a plain (BLOCK_R, BLOCK_K) tile (a warp reads whole lines)."""
+    rows = _tile_rows((tile // num_tiles_k) * BLOCK_R, BLOCK_R, ROW_VEC)
+    col0 = (tile % num_tiles_k) * BLOCK_K
+    if HADAMARD:
+        raw = _load_raw(x_ptr, rows[:, None, None, None], _tile_cols(col0, BLOCK_K // 16, 2, 16), R, K, stride_r,
+                        stride_k)
+    else:
+        raw = _load_raw(x_ptr, rows[:, None], col0 + tl.arange(0, BLOCK_K)[None, :], R, K, stride_r, stride_k)
+    return raw
+
+
+@triton.jit
 def _amax_kernel(x_ptr, amax_bits_ptr, R, K, stride_r, stride_k, num_tiles_k, num_programs,
-                 TILES_PER_PROGRAM: tl.constexpr, HADAMARD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SIGN_MASK: tl.constexpr):
+                 TILES_PER_PROGRAM: tl.constexpr, HADAMARD: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ROW_VEC: tl.constexpr, SIGN_MASK: tl.constexpr):
     """Spec step 1: ``amax = max |x|`` (after the RHT where asked). A persistent loop over (BLOCK_R, BLOCK_K)
-    tiles, one integer atomic max per program (|x| bits order like the values; NaN wins)."""
+    tiles that loads tile i + 1 before reducing tile i, one integer atomic max per program (|x| bits order like
+    the values; NaN wins)."""
     pid = tl.program_id(0)
-    best = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
+    raw = _amax_tile(x_ptr, pid, num_tiles_k, R, K, stride_r, stride_k, HADAMARD, BLOCK_R, BLOCK_K, ROW_VEC)
+    best = tl.zeros((BLOCK_R, BLOCK_K // 16), dtype=tl.int32) if HADAMARD else tl.zeros((BLOCK_R, BLOCK_K),
+                                                                                       dtype=tl.int32)
     for i in range(TILES_PER_PROGRAM):  # constexpr trip count: the interpreter cannot loop to a runtime int
-        tile = pid + i * num_programs  # past the last tile: rows >= R, the load is fully masked
-        rows = (tile // num_tiles_k) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = (tile % num_tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-        v = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k, HADAMARD, BLOCK_R, BLOCK_K, SIGN_MASK)
-        best = tl.maximum(best, _abs_bits(v))
-    tl.atomic_max(amax_bits_ptr, tl.max(tl.max(best, axis=1), axis=0))
+        v = _widen(raw)
+        # Past the last tile rows >= R: the load is fully masked.
+        raw = _amax_tile(x_ptr, pid + (i + 1) * num_programs, num_tiles_k, R, K, stride_r, stride_k, HADAMARD,
+                         BLOCK_R, BLOCK_K, ROW_VEC)
+        if HADAMARD:
+            v = _hadamard16(v, BLOCK_R, BLOCK_K // 16, 2, SIGN_MASK, False)
+            best = tl.maximum(best, tl.max(tl.max(_abs_bits(v), axis=3), axis=2))  # in-thread axes
+        else:
+            best = tl.maximum(best, _abs_bits(v))
+    amax_bits = tl.max(tl.max(best, axis=1), axis=0)
+    if HADAMARD:  # the RHT's * 1/4, on the maximum
+        amax_bits = _abs_bits(amax_bits.to(tl.float32, bitcast=True) * 0.25)
+    tl.atomic_max(amax_bits_ptr, amax_bits)
 
 
 @triton.jit
 def _quantize_kernel(
     x_ptr, amax_bits_ptr, q_ptr, scale_ptr, decode_ptr, deq_ptr, seed, offset,
-    R, K, stride_r, stride_k, num_tiles_k,
+    R, K, stride_r, stride_k,
     HADAMARD: tl.constexpr, STOCHASTIC: tl.constexpr, SCALE_KIND: tl.constexpr, TENSOR_SCALE: tl.constexpr,
     SCALE_MAX: tl.constexpr, ENCODE_NUMERATOR: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-    WRITE_DEQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SIGN_MASK: tl.constexpr,
-    SEED_FROM_PTR: tl.constexpr,
+    WRITE_DEQ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ROW_VEC: tl.constexpr,
+    SIGN_MASK: tl.constexpr, SEED_FROM_PTR: tl.constexpr,
 ):
-    """Spec steps 2-5 on one (BLOCK_R, BLOCK_K) tile of the logical (R, K) matrix.
+    """Spec steps 2-5 on the (BLOCK_R, BLOCK_K) tile (program_id(0), program_id(1)) of the logical (R, K) matrix,
+    held in the (row, block, chunk of 8, element) view of `_load_raw`.
 
-    Writes packed codes ``q`` (R, K/2), block scale bytes (R/BLOCK_ROWS, K/BLOCK_COLS), the tensor decode
-    scale ``D`` (program 0), and with WRITE_DEQ the exact unscaled operand ``E2M1[c] * d_b`` (R, K).
+    Writes packed codes ``q`` as (R, K/8) int32 words, block scale bytes (R/BLOCK_ROWS, K/BLOCK_COLS), the tensor
+    decode scale ``D`` (program (0, 0)), and with WRITE_DEQ the exact unscaled operand ``E2M1[c] * d_b`` (R, K).
     """
-    pid = tl.program_id(0)
-    rows = (pid // num_tiles_k) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % num_tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    v = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k, HADAMARD, BLOCK_R, BLOCK_K, SIGN_MASK)
+    NB_K: tl.constexpr = BLOCK_K // BLOCK_COLS
+    NCH: tl.constexpr = BLOCK_COLS // 8
+    row0 = tl.program_id(0) * BLOCK_R
+    col0 = tl.program_id(1) * BLOCK_K
+    rows = _tile_rows(row0, BLOCK_R, ROW_VEC)
+    cols = _tile_cols(col0, NB_K, NCH, BLOCK_COLS)
+    v = _widen(_load_raw(x_ptr, rows[:, None, None, None], cols, R, K, stride_r, stride_k))
+    if HADAMARD:
+        v = _hadamard16(v, BLOCK_R, NB_K, NCH, SIGN_MASK, True)
 
     # Step 2: S = min(6 * scale_max / amax, FLT_MAX), 1 where amax is 0 or non-finite or S underflows; D = 1/S.
     amax_bits = tl.load(amax_bits_ptr)
@@ -195,14 +347,34 @@ def _quantize_kernel(
     else:
         s = one
     d_global = tl.div_rn(one, s)
-    if pid == 0:
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(decode_ptr, d_global)
+    if STOCHASTIC and SEED_FROM_PTR:  # the key lives in device memory: no host read, so the launch can be captured
+        seed = tl.load(seed)
+    _quantize_tile(v, row0, rows, col0, cols, s, d_global, q_ptr, scale_ptr, deq_ptr, seed, offset, R, K, STOCHASTIC,
+                   SCALE_KIND, SCALE_MAX, BLOCK_ROWS, BLOCK_COLS, WRITE_DEQ, BLOCK_R, BLOCK_K)
 
-    # Step 3: block amax over BLOCK_ROWS x BLOCK_COLS, then the block decode scale d_b.
-    NB_R: tl.constexpr = BLOCK_R // BLOCK_ROWS
+
+@triton.jit
+def _quantize_tile(v, row0, rows, col0, cols, s, d_global, q_ptr, scale_ptr, deq_ptr, seed, offset, R, K,
+                   STOCHASTIC: tl.constexpr, SCALE_KIND: tl.constexpr, SCALE_MAX: tl.constexpr,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, WRITE_DEQ: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Spec steps 3-5 and the stores of one float32 (BLOCK_R, NB_K, NCH, 8) tile (rows ``rows`` from ``row0``,
+    columns ``cols`` from ``col0``), given the tensor scales: block reductions and code packing stay in a thread.
+
+    Codes and the operand are stored through plain 2D views: Triton moves them through shared memory into a
+    layout where a warp writes whole lines (a thread's own 8 or 16 bytes per row would leave half-written
+    sectors: the fp16 operand cost 1.4x more time that way on the H100).
+    """
     NB_K: tl.constexpr = BLOCK_K // BLOCK_COLS
-    mag_bits = tl.reshape(_abs_bits(v), (NB_R, BLOCK_ROWS, NB_K, BLOCK_COLS))
-    block_amax_bits = tl.max(tl.max(mag_bits, axis=3), axis=1)  # (NB_R, NB_K)
+    NCH: tl.constexpr = BLOCK_COLS // 8
+    NB_R: tl.constexpr = BLOCK_R // BLOCK_ROWS
+
+    # Step 3: block amax (in-thread over the chunk and element axes; over BLOCK_ROWS rows for 2D blocks), then d_b.
+    block_amax_bits = tl.max(tl.max(_abs_bits(v), axis=3), axis=2)  # (BLOCK_R, NB_K)
+    if BLOCK_ROWS > 1:
+        block_amax_bits = tl.max(tl.reshape(block_amax_bits, (NB_R, BLOCK_ROWS, NB_K)), axis=1)  # (NB_R, NB_K)
     block_amax = block_amax_bits.to(tl.float32, bitcast=True)
     block_is_finite = block_amax_bits < 0x7F800000
     if SCALE_KIND == 0:
@@ -214,87 +386,52 @@ def _quantize_kernel(
         byte, d_block = _e8m0_scale(block_amax * s, SCALE_KIND == 2)
         nan_byte = 0xFF
     byte = tl.where(block_is_finite, byte, nan_byte)
-
-    # Step 4: e_b = min(1 / (d_b * D), FLT_MAX), correctly rounded.
-    e_block = tl.minimum(tl.div_rn(tl.full((NB_R, NB_K), 1.0, tl.float32), d_block * d_global),
-                         3.4028234663852886e38)
-
-    # Step 5: v * e_b clamped to [-6, 6], rounded to E2M1 (codes in the (NB_R, BLOCK_ROWS, NB_K, BLOCK_COLS) view).
-    v4 = tl.reshape(v, (NB_R, BLOCK_ROWS, NB_K, BLOCK_COLS))
-    scaled_v = v4 * e_block[:, None, :, None]
-    scaled_v = tl.minimum(tl.maximum(scaled_v, -6.0), 6.0)
-    mag = tl.abs(scaled_v)
-    if STOCHASTIC:
-        col0 = (pid % num_tiles_k) * BLOCK_K
-        if SEED_FROM_PTR:  # the key lives in device memory: no host read, so the launch can be graph-captured
-            seed = tl.load(seed)
-        code = _e2m1_stochastic(mag, rows, col0, K, seed, offset, NB_R, NB_K, BLOCK_R, BLOCK_K, BLOCK_ROWS,
-                                BLOCK_COLS)
-    else:
-        # Round to nearest even: count the thresholds reached (ties 0.25, 1.25, 2.5, 5 go down, 0.75, 1.75, 3.5 up).
-        code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
-                + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
-                + (mag > 5.0).to(tl.int32))
-    code = code | tl.where(scaled_v < 0, 8, 0)
-    code = tl.where(block_is_finite[:, None, :, None], code, 0)  # non-finite blocks: code 0, NaN scale
-    code = tl.reshape(code, (BLOCK_R, BLOCK_K))
-
-    # Stores: packed codes (low nibble = even index), scale bytes, and the optional exact dequantized operand.
-    lo, hi = tl.split(tl.reshape(code, (BLOCK_R, BLOCK_K // 2, 2)))
-    half_cols = (pid % num_tiles_k) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    row_mask = rows < R
-    q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * (K // 2) + half_cols[None, :]
-    tl.store(q_ptrs, (lo | (hi << 4)).to(tl.uint8), mask=row_mask[:, None] & (half_cols < K // 2)[None, :])
-
-    block_rows = (pid // num_tiles_k) * NB_R + tl.arange(0, NB_R)
-    block_cols = (pid % num_tiles_k) * NB_K + tl.arange(0, NB_K)
+    block_rows = row0 // BLOCK_ROWS + tl.arange(0, NB_R)
+    block_cols = col0 // BLOCK_COLS + tl.arange(0, NB_K)
     nbk = K // BLOCK_COLS
     s_ptrs = scale_ptr + block_rows.to(tl.int64)[:, None] * nbk + block_cols[None, :]
     s_mask = (block_rows < tl.cdiv(R, BLOCK_ROWS))[:, None] & (block_cols < nbk)[None, :]
     tl.store(s_ptrs, byte.to(tl.uint8), mask=s_mask)
 
+    # Step 4: e_b = min(1 / (d_b * D), FLT_MAX), correctly rounded; per row of the tile for 2D blocks.
+    e_block = tl.minimum(tl.div_rn(tl.full((NB_R, NB_K), 1.0, tl.float32), d_block * d_global),
+                         3.4028234663852886e38)
+    d_nan = tl.where(block_is_finite, d_block, float("nan"))
+    if BLOCK_ROWS > 1:
+        e_block = tl.reshape(tl.broadcast_to(e_block[:, None, :], (NB_R, BLOCK_ROWS, NB_K)), (BLOCK_R, NB_K))
+        block_is_finite = tl.reshape(tl.broadcast_to(block_is_finite[:, None, :], (NB_R, BLOCK_ROWS, NB_K)),
+                                     (BLOCK_R, NB_K))
+        d_nan = tl.reshape(tl.broadcast_to(d_nan[:, None, :], (NB_R, BLOCK_ROWS, NB_K)), (BLOCK_R, NB_K))
+
+    # Step 5: x * e_b, clamped to [-6, 6] (as a magnitude: the sign is kept apart), rounded to E2M1.
+    scaled_v = v * e_block[:, :, None, None]
+    mag = tl.minimum(tl.abs(scaled_v), 6.0)
+    if STOCHASTIC:
+        counter = offset + rows.to(tl.int64)[:, None, None, None] * (K // 4) + (cols // 4).to(tl.int64)
+        code = _e2m1_stochastic(mag, _philox_words(seed, counter, BLOCK_R, NB_K, NCH))
+    else:
+        code, grid = _e2m1_rne(mag)
+    negative = scaled_v < 0  # -0.0 keeps code 0, as the reference's sign test
+    code = code | tl.where(negative, 8, 0)
+
+    # Stores: 8 codes per int32 word (the lower index in the lower nibble; non-finite blocks all zero), and the
+    # optional exact dequantized operand.
+    word = tl.sum(code << (4 * tl.arange(0, 8))[None, None, None, :], axis=3)  # disjoint nibbles: the sum is an or
+    word = tl.where(block_is_finite[:, :, None], word, 0)
+    row_mask = rows < R
+    wcols = col0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * (K // 8) + wcols, tl.reshape(word, (BLOCK_R, BLOCK_K // 8)),
+             mask=row_mask[:, None] & (wcols < K // 8))
+
     if WRITE_DEQ:
-        d_nan = tl.where(block_is_finite, d_block, float("nan"))
-        vals = tl.reshape(_e2m1_value(code), (NB_R, BLOCK_ROWS, NB_K, BLOCK_COLS)) * d_nan[:, None, :, None]
-        d_ptrs = deq_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
-        tl.store(d_ptrs, tl.reshape(vals, (BLOCK_R, BLOCK_K)).to(deq_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & (cols < K)[None, :])
-
-
-@triton.jit
-def _e2m1_stochastic(mag, rows, col0, K, seed, offset, NB_R: tl.constexpr, NB_K: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                     BLOCK_COLS: tl.constexpr):
-    """Unbiased stochastic E2M1 code magnitude of ``mag`` in [0, 6] (spec step 5).
-
-    Element i = row * K + col draws word i % 4 of Philox4x32-10 at counter offset + i // 4. K is a multiple
-    of 4, so each run of 4 columns shares one counter: draw on a (BLOCK_R, BLOCK_K / 4) grid and interleave.
-    """
-    group_cols = col0 // 4 + tl.arange(0, BLOCK_K // 4)  # the counter column of each run of 4
-    counter = offset + rows.to(tl.int64)[:, None] * (K // 4) + group_cols.to(tl.int64)[None, :]
-    w0, w1, w2, w3 = tl.randint4x(seed, counter)
-    # join(join(w0, w2), join(w1, w3))[..., j, t] = w_(2j + t): flattening the last two axes gives w0 w1 w2 w3.
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R, BLOCK_K))
-    u = (words >> 8).to(tl.float32) * 5.960464477539063e-08  # 24 random bits * 2^-24, exact
-    u = tl.reshape(u, (NB_R, BLOCK_ROWS, NB_K, BLOCK_COLS))
-    # Grid point at or below mag (index lower), its value lo and the step to the next one (0 at 6).
-    lower = ((mag >= 0.5).to(tl.int32) + (mag >= 1.0).to(tl.int32) + (mag >= 1.5).to(tl.int32)
-             + (mag >= 2.0).to(tl.int32) + (mag >= 3.0).to(tl.int32) + (mag >= 4.0).to(tl.int32)
-             + (mag >= 6.0).to(tl.int32))
-    lo = tl.where(lower < 4, lower.to(tl.float32) * 0.5,
-                  tl.where(lower == 4, 2.0, tl.where(lower == 5, 3.0, tl.where(lower == 6, 4.0, 6.0))))
-    inv_step = tl.where(lower < 4, 2.0, tl.where(lower < 6, 1.0, tl.where(lower == 6, 0.5, 0.0)))
-    p = (mag - lo) * inv_step  # exact: mag - lo is exact and the step is a power of two
-    code = lower + (u < p).to(tl.int32)
-    return tl.where(mag != mag, 0, code)
-
-
-@triton.jit
-def _e2m1_value(code):
-    """Float32 value of an E2M1 code (0..15): the 3 magnitude bits placed at fp16 bits 9..11 read as an fp16
-    number times 2^14 (code 1 lands on the fp16 subnormal 2^-15), with the sign at bit 15."""
-    half_bits = ((code & 7) << 9) | ((code & 8) << 12)
-    return half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+        if STOCHASTIC:
+            value = _e2m1_value(code)
+        else:
+            value = grid * tl.where(negative, -1.0, 1.0)  # E2M1[c] itself, -0.0 for code 8 (Triton's -x is 0 - x)
+        vals = (value * d_nan[:, :, None, None]).to(deq_ptr.dtype.element_ty)
+        dcols = col0 + tl.arange(0, BLOCK_K)[None, :]
+        tl.store(deq_ptr + rows.to(tl.int64)[:, None] * K + dcols, tl.reshape(vals, (BLOCK_R, BLOCK_K)),
+                 mask=row_mask[:, None] & (dcols < K))
 
 
 @triton.jit
@@ -357,47 +494,62 @@ def _as_2d_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return x2, rows, k
 
 
-#: Tile and warps of the quantize kernel on CUDA, (BLOCK_R, BLOCK_K, num_warps); tuned on the H100 with
-#: benchmarks/bench_kernels.py (override per call with ``_tile=`` when measuring).
-QUANTIZE_TILE_CUDA: tuple[int, int, int] = (32, 128, 4)
+#: Tiles of the quantize kernel on CUDA, (BLOCK_R, BLOCK_K, num_warps, ROW_VEC), for row-major reads (stride 1
+#: along K) and for column-wise reads (``x.t()`` of a row-major tensor: stride 1 along the rows), tuned on the
+#: H100 with benchmarks/bench_kernels.py --tiles (override per call with ``_tile=``).
+QUANTIZE_TILE_CUDA: tuple = (16, 256, 4, 8)
+QUANTIZE_TILE_CUDA_COLUMNS: tuple = (64, 64, 4, 2)
+#: Tiles of the amax kernel on CUDA, (BLOCK_R, BLOCK_K, num_warps, ROW_VEC, programs per SM), likewise.
+AMAX_TILE_CUDA: tuple = (16, 256, 4, 8, 16)
+AMAX_TILE_CUDA_COLUMNS: tuple = (128, 64, 4, 4, 4)
+#: On CPU (the interpreter): small tiles, few programs.
+_TILE_CPU: tuple = (32, 64, 4, 8, 1)
 
 
-def _tile_shape(rows: int, k: int, block: tuple[int, int], on_cuda: bool,
-                override: Optional[tuple[int, int, int]] = None) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_K, num_warps) of the quantize kernel, multiples of the block shape, no larger than
-    needed for small tensors (fewer interpreted programs on CPU)."""
-    br, bc = block
-    tile_r, tile_k, warps = override or (QUANTIZE_TILE_CUDA if on_cuda else (32, 64, 4))
-    block_k = max(bc, 16, min(tile_k, triton.next_power_of_2(k)))
-    block_r = max(br, min(tile_r, triton.next_power_of_2(max(rows, 1))))
-    return block_r, block_k, warps
+def _tile_config(default: tuple, override: Optional[tuple]) -> tuple:
+    return (tuple(override) + default[len(override):]) if override else default
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    return _cuda_sm_count(t.device.index) if t.is_cuda and not _interpreting() else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
 
 
 def _int_arg(v: "int | torch.Tensor") -> int:
     return int(v.item()) if isinstance(v, torch.Tensor) else int(v)
 
 
-def tensor_amax_triton(x: torch.Tensor, hadamard: bool = False) -> torch.Tensor:
+def tensor_amax_triton(x: torch.Tensor, hadamard: bool = False,
+                       _tile: Optional[tuple[int, ...]] = None) -> torch.Tensor:
     """``max |x|`` over the tensor viewed as (rows, K) (after the 16-point RHT along K where ``hadamard``),
     as a float32 0-dim tensor; NaN if any element is NaN. A Triton reduction kernel."""
     x2, rows, k = _as_2d_view(x)
-    return _amax_bits(x2, rows, k, hadamard).view(torch.float32).reshape(())
+    return _amax_bits(x2, rows, k, hadamard, _tile).view(torch.float32).reshape(())
 
 
-def _amax_bits(x2: torch.Tensor, rows: int, k: int, hadamard: bool) -> torch.Tensor:
+def _amax_bits(x2: torch.Tensor, rows: int, k: int, hadamard: bool,
+               _tile: Optional[tuple[int, ...]] = None) -> torch.Tensor:
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x2.device)
     if rows == 0 or k == 0:
         return amax_bits
-    block_r, block_k = 32, max(16, min(256, triton.next_power_of_2(k)))
+    on_cuda = x2.is_cuda and not _interpreting()
+    default = (AMAX_TILE_CUDA_COLUMNS if x2.stride(1) != 1 else AMAX_TILE_CUDA) if on_cuda else _TILE_CPU
+    tile_r, tile_k, warps, row_vec, per_sm = _tile_config(default, _tile)
+    block_k = max(16, min(tile_k, triton.next_power_of_2(k)))
+    block_r = min(tile_r, triton.next_power_of_2(rows))
     num_tiles_k = triton.cdiv(k, block_k)
     num_tiles = triton.cdiv(rows, block_r) * num_tiles_k
-    # About 4 programs per SM, each looping over a power-of-two number of tiles (few compiled variants).
-    target = 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
-    tiles_per_program = triton.next_power_of_2(triton.cdiv(num_tiles, target))
+    # A few programs per SM, each looping over a power-of-two number of tiles (few compiled variants).
+    tiles_per_program = triton.next_power_of_2(triton.cdiv(num_tiles, per_sm * _sm_count(x2)))
     programs = triton.cdiv(num_tiles, tiles_per_program)
     _amax_kernel[(programs,)](
         x2, amax_bits, rows, k, x2.stride(0), x2.stride(1), num_tiles_k, programs,
-        TILES_PER_PROGRAM=tiles_per_program, HADAMARD=hadamard, BLOCK_R=block_r, BLOCK_K=block_k, SIGN_MASK=_RHT_NEG_MASK, num_warps=8,
+        TILES_PER_PROGRAM=tiles_per_program, HADAMARD=hadamard, BLOCK_R=block_r, BLOCK_K=block_k,
+        ROW_VEC=min(row_vec, block_r), SIGN_MASK=_RHT_NEG_MASK, num_warps=warps,
     )
     return amax_bits
 
@@ -412,7 +564,7 @@ def quantize_triton(
     hadamard: bool = False,
     dequantized_dtype: Optional[torch.dtype] = None,
     amax: Optional[torch.Tensor] = None,
-    _tile: Optional[tuple[int, int, int]] = None,
+    _tile: Optional[tuple[int, ...]] = None,
 ) -> "QuantizedTensor | tuple[QuantizedTensor, torch.Tensor]":
     """Quantize ``x`` along its last axis with Triton kernels, bit-exact with `quantize_reference`.
 
@@ -445,7 +597,8 @@ def quantize_triton(
     qdata = torch.empty((rows, k // 2), dtype=torch.uint8, device=device)
     n_scales_r = rows // br if br > 1 else rows
     scale_bytes = torch.empty((n_scales_r, k // bc), dtype=torch.uint8, device=device)
-    d_global = torch.ones((), dtype=torch.float32, device=device)
+    # D: written by the kernel, 1 for an empty tensor (no launch).
+    d_global = (torch.empty if rows and k else torch.ones)((), dtype=torch.float32, device=device)
     deq = (torch.empty((rows, k), dtype=dequantized_dtype, device=device) if dequantized_dtype is not None
            else torch.empty(1, dtype=torch.float16, device=device))
     if rows and k:
@@ -454,16 +607,20 @@ def quantize_triton(
         stochastic = rounding is Rounding.STOCHASTIC
         seed_from_ptr = isinstance(seed, torch.Tensor) and seed.device == device
         seed_arg = seed.reshape(1).to(torch.int64) if seed_from_ptr else _int_arg(seed)
-        block_r, block_k, warps = _tile_shape(rows, k, block, x.is_cuda and not _interpreting(), _tile)
-        num_tiles_k = triton.cdiv(k, block_k)
-        grid = (triton.cdiv(rows, block_r) * num_tiles_k,)
-        _quantize_kernel[grid](
-            x2, amax_bits, qdata, scale_bytes, d_global, deq, seed_arg, _int_arg(offset),
-            rows, k, x2.stride(0), x2.stride(1), num_tiles_k,
+        on_cuda = x.is_cuda and not _interpreting()
+        default = (QUANTIZE_TILE_CUDA_COLUMNS if x2.stride(1) != 1 else QUANTIZE_TILE_CUDA) if on_cuda else _TILE_CPU
+        tile_r, tile_k, warps, row_vec = _tile_config(default[:4], _tile)
+        # Tiles: multiples of the block shape, no larger than needed for small tensors.
+        block_k = max(bc, 16, min(tile_k, triton.next_power_of_2(k)))
+        block_r = max(br, min(tile_r, triton.next_power_of_2(rows)))
+        _quantize_kernel[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
+            x2, amax_bits, qdata.view(torch.int32), scale_bytes, d_global, deq, seed_arg, _int_arg(offset),
+            rows, k, x2.stride(0), x2.stride(1),
             HADAMARD=hadamard, STOCHASTIC=stochastic, SCALE_KIND=scale_kind, TENSOR_SCALE=fmt.tensor_scale,
             SCALE_MAX=float(fmt.scale_max), ENCODE_NUMERATOR=float(E2M1_MAX * fmt.scale_max),
             BLOCK_ROWS=br, BLOCK_COLS=bc, WRITE_DEQ=dequantized_dtype is not None,
-            BLOCK_R=block_r, BLOCK_K=block_k, SIGN_MASK=_RHT_NEG_MASK, SEED_FROM_PTR=seed_from_ptr, num_warps=warps,
+            BLOCK_R=block_r, BLOCK_K=block_k, ROW_VEC=min(row_vec, block_r), SIGN_MASK=_RHT_NEG_MASK,
+            SEED_FROM_PTR=seed_from_ptr, num_warps=warps,
         )
     scale_shape = (*lead, k // bc) if br == 1 else (n_scales_r, k // bc)
     qt = QuantizedTensor(
