@@ -1,9 +1,10 @@
 """Issue 5 kernels on the GPU: correctness first, then quantize bandwidth and GEMM TFLOP/s side by side.
 
-    PYTHONPATH=. python3 benchmarks/bench_kernels.py [--quick] [--tiles]
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py [--quick] [--tiles] [--quantize-only] [--before OLD_QUANTIZE_PY]
 
-Timings: triton.testing.do_bench (CUDA events, median), inputs rotated among several copies so that L2 does
-not flatter. Quantize "effective" bandwidth counts the fewest bytes a quantization must move: the input read
+Timings: triton.testing.do_bench (CUDA events, median) of CUDA-graph replays (GPU time: the host's Python and
+launch work, over 100 us a quantize call, would otherwise hide fast kernels; the training step replays graphs
+too), inputs rotated among several copies so that L2 does not flatter; the whole quantize call also eagerly. Quantize "effective" bandwidth counts the fewest bytes a quantization must move: the input read
 once, codes + scale bytes (+ the fp16 operand where written) written once. Prints tables; writes JSON to
 $OUT/bench_kernels.json when OUT is set.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import itertools
 import json
 import os
@@ -43,8 +45,10 @@ def median_ms(fn, rotate: int = 1) -> float:
 # ---------------------------------------------------------------------------------------------------------
 
 def check_quantize(x: torch.Tensor) -> list[str]:
-    """Bit-exactness of every variant against the reference (on the GPU) at full size."""
+    """Bit-exactness of every variant against the reference (on the GPU) at full size: codes, scale bytes and
+    tensor scale from the whole call (amax kernel included), and the exact fp16 operand where one is written."""
     lines = []
+    seed_t = torch.tensor(42, device=x.device)
     cases = {
         "rtn_1x16": dict(block=None, rounding="nearest", hadamard=False, view=x),
         "sr_1x16": dict(block=None, rounding="stochastic", hadamard=False, view=x),
@@ -52,15 +56,27 @@ def check_quantize(x: torch.Tensor) -> list[str]:
         "sr_hadamard_colwise": dict(block=None, rounding="stochastic", hadamard=True, view=x.t()),
         "rtn_hadamard_colwise": dict(block=None, rounding="nearest", hadamard=True, view=x.t()),
         "mxfp4": dict(block=None, rounding="nearest", hadamard=False, view=x, format="mxfp4"),
+        "rtn_1x16_fp16_operand": dict(block=None, rounding="nearest", hadamard=False, view=x, deq=torch.float16),
+        "sr_1x16_fp16_operand": dict(block=None, rounding="stochastic", hadamard=False, view=x, deq=torch.float16),
+        "rtn_2d_16x16_colwise": dict(block=(16, 16), rounding="nearest", hadamard=False, view=x.t()),
+        "sr_2d_16x16_seed_tensor": dict(block=(16, 16), rounding="stochastic", hadamard=False, view=x, seed=seed_t),
+        "rtn_1x16_colwise_fp16_operand": dict(block=None, rounding="nearest", hadamard=False, view=x.t(),
+                                              deq=torch.float16),
+        "mxfp4_sr_hadamard_colwise": dict(block=None, rounding="stochastic", hadamard=True, view=x.t(),
+                                          format="mxfp4", deq=torch.float32),
     }
     for name, c in cases.items():
         a = check_quantize_args(c["view"], c.get("format", "nvfp4"), c["block"], c["rounding"], c["hadamard"])
-        args = (c["view"], a.format, a.block, a.rounding, 42, 1000, a.hadamard)
+        args = (c["view"], a.format, a.block, a.rounding, c.get("seed", 42), 1000, a.hadamard)
         ref = quantize_reference(*args)
-        tri = cq.quantize_triton(*args)
+        tri = cq.quantize_triton(*args, dequantized_dtype=c.get("deq"))
+        tri, deq = tri if c.get("deq") else (tri, None)
         ok = (torch.equal(ref.qdata, tri.qdata) and torch.equal(ref.scale.view(torch.uint8), tri.scale.view(torch.uint8))
               and torch.equal(ref.per_tensor_scale, tri.per_tensor_scale))
-        lines.append(f"quantize {name:24s} bit-exact: {ok}")
+        if deq is not None:
+            expected = ref.dequantize_unscaled().reshape(deq.shape)
+            ok = ok and torch.equal(deq.float().nan_to_num(7.0), expected.nan_to_num(7.0))
+        lines.append(f"quantize {name:30s} bit-exact: {ok}")
         if not ok:
             raise SystemExit(f"quantize {name} is not bit-exact: stop before timing")
     return lines
@@ -88,7 +104,41 @@ def check_gemm(m: int, n: int, k: int) -> list[str]:
 # Quantize bandwidth
 # ---------------------------------------------------------------------------------------------------------
 
-def bench_quantize(rows: int, cols: int, tiles: bool) -> list[dict]:
+#: Tile candidates of the --tiles sweep (the first ones are the defaults). Quantize: (BLOCK_R, BLOCK_K, num_warps,
+#: ROW_VEC); amax: (BLOCK_R, BLOCK_K, num_warps, ROW_VEC, programs per SM); for row-major and for column-wise
+#: (``x.t()``) reads.
+QUANT_TILES = {"rows": [(16, 256, 4, 8), (8, 256, 4, 8), (32, 128, 4, 8)],
+               "columns": [(64, 64, 4, 2), (128, 64, 4, 4), (64, 128, 4, 2)]}
+AMAX_TILES = {"rows": [(16, 256, 4, 8, 16), (32, 256, 8, 8, 4), (32, 256, 4, 8, 8)],
+              "columns": [(128, 64, 4, 4, 4), (64, 64, 4, 2, 8)]}
+#: The tiles the previous kernels (--before) were measured with: their best of the earlier sweep.
+BEFORE_TILES = {"rows": (16, 256, 4), "columns": (64, 64, 4)}
+
+
+def load_module(path: str, name: str = "fp4compile.codegen._quantize_before"):
+    """A copy of an earlier ``fp4compile/codegen/quantize.py`` (e.g. from ``git show``), imported as a sibling
+    module so that its relative imports resolve: the kernels before the change, timed side by side."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def graph_ms(fn, rotate: int) -> float:
+    """GPU time of one call: ``fn(0) .. fn(rotate - 1)`` captured in one CUDA graph and its replays timed, so that
+    host work between launches (Python, allocations) does not count (the training step replays graphs too)."""
+    for i in range(rotate):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(rotate):
+            fn(i)
+    return median_ms(lambda i: graph.replay()) / rotate
+
+
+def bench_quantize(rows: int, cols: int, tiles: bool, before=None) -> list[dict]:
     n_sets = 3
     xs = [torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
     amaxes = [x.float().abs().max() for x in xs]
@@ -108,31 +158,46 @@ def bench_quantize(rows: int, cols: int, tiles: bool) -> list[dict]:
                                         amax=amaxes, deq=torch.float16),
     }
     out = []
-    tile_options = [None]
-    if tiles:
-        tile_options = [(32, 128, 4), (16, 256, 4), (64, 64, 4), (8, 512, 4), (16, 512, 8), (32, 256, 8),
-                        (8, 256, 2), (16, 128, 2), (32, 64, 2), (64, 128, 8), (128, 64, 8)]
+    amax_cache: dict = {}
     for name, v in variants.items():
+        kind = "columns" if v["had"] else "rows"
         nbytes = base_bytes
         if "scale_bytes" in v:
             nbytes = base_bytes - numel // 16 + v["scale_bytes"]
         if v.get("deq"):
             nbytes += numel * 2
-        best = None
-        for tile in tile_options:
-            fn_q = lambda i, t=tile: cq.quantize_triton(v["view"](i), NVFP4, v["block"], v["rnd"], 1, 0, v["had"],
-                                                        v.get("deq"), amax=v["amax"][i], _tile=t)
-            ms_q = median_ms(fn_q, n_sets)
-            if best is None or ms_q < best[1]:
-                best = (tile, ms_q)
-        tile, ms_q = best
-        fn_full = lambda i: cq.quantize_triton(v["view"](i), NVFP4, v["block"], v["rnd"], 1, 0, v["had"], v.get("deq"),
-                                               _tile=tile)
-        ms_full = median_ms(fn_full, n_sets)
-        fn_amax = lambda i: cq.tensor_amax_triton(v["view"](i), hadamard=v["had"])
-        ms_amax = median_ms(fn_amax, n_sets)
-        out.append(dict(variant=name, tile=tile, bytes=nbytes, ms_amax_plus_quantize=ms_full, ms_quantize_pass=ms_q,
-                        ms_amax_pass=ms_amax, tbps_full=nbytes / ms_full / 1e9, tbps_quantize_pass=nbytes / ms_q / 1e9))
+        args = lambda i: (v["view"](i), NVFP4, v["block"], v["rnd"], 1, 0, v["had"], v.get("deq"))  # noqa: E731
+        sweep = {}
+        for tile in ([None] + QUANT_TILES[kind]) if tiles else [None]:
+            sweep[str(tile)] = graph_ms(lambda i, t=tile: cq.quantize_triton(*args(i), amax=v["amax"][i], _tile=t),
+                                        n_sets)
+            print(f"  {name:24s} quantize pass, tile {str(tile):18s} {1e3 * sweep[str(tile)]:8.1f} us", flush=True)
+        tile = min(sweep, key=sweep.get)
+        ms_q = sweep[tile]
+        tile_arg = None if tile == "None" else eval(tile)
+        ms_full = median_ms(lambda i: cq.quantize_triton(*args(i), _tile=tile_arg), n_sets)
+        ms_graph = graph_ms(lambda i: cq.quantize_triton(*args(i), _tile=tile_arg), n_sets)
+        if v["had"] not in amax_cache:
+            amax_sweep = {}
+            for at in ([None] + AMAX_TILES[kind]) if tiles else [None]:
+                amax_sweep[str(at)] = graph_ms(
+                    lambda i, t=at: cq.tensor_amax_triton(v["view"](i), hadamard=v["had"], _tile=t), n_sets)
+                print(f"  {name:24s} amax pass, tile {str(at):22s} {1e3 * amax_sweep[str(at)]:8.1f} us", flush=True)
+            amax_cache[v["had"]] = amax_sweep
+        row = dict(variant=name, tile=tile, bytes=nbytes, ms_amax_plus_quantize=ms_full, ms_quantize_pass=ms_q,
+                   ms_amax_plus_quantize_graph=ms_graph, tbps_graph=nbytes / ms_graph / 1e9,
+                   ms_amax_pass=amax_cache[v["had"]]["None"], amax_sweep=amax_cache[v["had"]], quantize_sweep=sweep,
+                   tbps_full=nbytes / ms_full / 1e9, tbps_quantize_pass=nbytes / ms_q / 1e9)
+        if before is not None:
+            bt = BEFORE_TILES[kind]
+            row["before"] = dict(
+                tile=bt,
+                ms_quantize_pass=graph_ms(lambda i: before.quantize_triton(*args(i), amax=v["amax"][i], _tile=bt),
+                                          n_sets),
+                ms_amax_plus_quantize=median_ms(lambda i: before.quantize_triton(*args(i), _tile=bt), n_sets),
+                ms_amax_plus_quantize_graph=graph_ms(lambda i: before.quantize_triton(*args(i), _tile=bt), n_sets),
+                ms_amax_pass=graph_ms(lambda i: before.tensor_amax_triton(v["view"](i), hadamard=v["had"]), n_sets))
+        out.append(row)
     return out
 
 
@@ -266,7 +331,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer GEMM shapes")
     parser.add_argument("--tiles", action="store_true", help="sweep quantize tile shapes")
     parser.add_argument("--quantize-only", action="store_true", help="skip the GEMM part")
+    parser.add_argument("--before", metavar="PATH", help="an earlier quantize.py to time side by side (e.g. "
+                        "git show HEAD~1:fp4compile/codegen/quantize.py > /tmp/q.py)")
     args = parser.parse_args()
+    before = load_module(args.before) if args.before else None
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     RESULTS.update(gpu=props.name, torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv))
@@ -274,22 +342,35 @@ def main() -> None:
 
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) * 3
     x[17, 4242] = 1e4
-    lines = check_quantize(x) + check_gemm(8192, 3072, 768)
+    x[5, :64] = 0.0  # zero blocks
+    x[6, :32] = -0.0  # negative zeros keep code 0
+    x[7, :32] = -1e-38  # tiny values next to the outlier's tensor scale: subnormal or zero block scales
+    x[4000:4016, 16:32] = 1e-3  # a 16x16 tile of one value below the tensor's other blocks
+    lines = check_quantize(x) + ([] if args.quantize_only else check_gemm(8192, 3072, 768))
     print("\n".join(lines), flush=True)
     RESULTS["correctness"] = lines
     del x
 
     RESULTS["copy_tbps"] = bench_copy()
     print(f"device copy: {RESULTS['copy_tbps']:.2f} TB/s (read + write)", flush=True)
-    q = bench_quantize(8192, 8192, args.tiles)
+    q = bench_quantize(8192, 8192, args.tiles, before)
     RESULTS["quantize"] = q
-    print("\nquantize 8192x8192 bf16 (effective TB/s = minimal bytes / time)")
-    print(f"{'variant':26s} {'tile':>14s} {'amax+quant us':>14s} {'TB/s':>6s} {'quant pass us':>14s} {'TB/s':>6s} "
-          f"{'amax us':>8s}")
+    print("\nquantize 8192x8192 bf16 (effective TB/s = minimal bytes / time; CUDA-graph GPU times: quant = amax "
+          "given, graph = amax + quant; full = amax + quant eagerly, host included)")
+    print(f"{'variant':24s} {'tile':>27s} {'quant us':>8s} {'TB/s':>5s} {'full us':>7s} {'graph us':>8s} {'TB/s':>5s} "
+          f"{'amax us':>7s}" + (f" | {'before: quant':>13s} {'full':>6s} {'graph':>6s} {'amax':>5s} | "
+                                 f"{'x quant':>7s} {'x graph':>7s}" if before else ""))
     for r in q:
-        print(f"{r['variant']:26s} {str(r['tile']):>14s} {1e3 * r['ms_amax_plus_quantize']:14.1f} {r['tbps_full']:6.2f} "
-              f"{1e3 * r['ms_quantize_pass']:14.1f} {r['tbps_quantize_pass']:6.2f} {1e3 * r['ms_amax_pass']:8.1f}",
-              flush=True)
+        line = (f"{r['variant']:24s} {r['tile']:>27s} {1e3 * r['ms_quantize_pass']:8.1f} {r['tbps_quantize_pass']:5.2f} "
+                f"{1e3 * r['ms_amax_plus_quantize']:7.1f} {1e3 * r['ms_amax_plus_quantize_graph']:8.1f} "
+                f"{r['tbps_graph']:5.2f} {1e3 * r['ms_amax_pass']:7.1f}")
+        if before:
+            b = r["before"]
+            line += (f" | {1e3 * b['ms_quantize_pass']:13.1f} {1e3 * b['ms_amax_plus_quantize']:6.1f} "
+                     f"{1e3 * b['ms_amax_plus_quantize_graph']:6.1f} {1e3 * b['ms_amax_pass']:5.1f} | "
+                     f"{b['ms_quantize_pass'] / r['ms_quantize_pass']:7.2f} "
+                     f"{b['ms_amax_plus_quantize_graph'] / r['ms_amax_plus_quantize_graph']:7.2f}")
+        print(line, flush=True)
 
     for key, kern in (("quantize", cq._quantize_kernel), ("amax", cq._amax_kernel)):
         try:
@@ -300,6 +381,9 @@ def main() -> None:
         except Exception as exc:
             print(f"  (no register report: {exc})")
     if args.quantize_only:
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "bench_kernels.json"), "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
         return
     shapes = GEMM_SHAPES[:3] if args.quick else GEMM_SHAPES
     g = bench_gemm(shapes)
