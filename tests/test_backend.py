@@ -330,6 +330,13 @@ def test_string_backend_with_options_in_a_fresh_process(tmp_path):
     assert out.stdout.startswith("ok")
 
 
+def test_registry_gives_one_backend_per_configuration_and_model():
+    model, other = GPT(n_layer=2), GPT(n_layer=2)
+    assert fp4compile.backend(model=model) is fp4compile.backend(model=model)
+    assert fp4compile.backend(model=model) is not fp4compile.backend(model=other)
+    assert fp4compile.backend(model=model) is not fp4compile.backend()
+
+
 def test_unknown_backend_option_is_a_clear_error():
     from fp4compile.capture.compiler import fp4_backend
 

@@ -86,16 +86,21 @@ class Fp4Backend:
         if self.inner not in INNER_COMPILERS:
             raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
         self.step_counter = step_counter if step_counter is not None else StepCounter()
+        # The counter tells configurations apart when it is the caller's or a schedule reads it; a counter made
+        # here that nothing reads does not (so `backend()` can return one instance per configuration).
+        counter_matters = step_counter is not None or getattr(self.policy, "schedule", None) is not None
+        self._step_counter_id = id(self.step_counter) if counter_matters else None
         self.dump_dir = dump_dir if dump_dir is not None else env.dump_dir()
         self.verify = env.verify_passes() if verify is None else verify
         self.cudagraphs = bool(cudagraphs)
         self.layout: Optional[ModelLayout] = model_layout(model) if model is not None else None
+        self._model_id = id(model) if model is not None else None  # the layout holds the model weakly
         self.reports: list[CompileReport] = []
         self._graph_ids = itertools.count()
 
     # Dynamo compares backends to decide whether a cached frame can be reused.
     def _key(self) -> tuple:
-        return (repr(self.policy), self.inner, id(self.step_counter), self.dump_dir, self.cudagraphs, id(self.layout))
+        return (repr(self.policy), self.inner, self._step_counter_id, self.dump_dir, self.cudagraphs, self._model_id)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Fp4Backend) and self._key() == other._key()
