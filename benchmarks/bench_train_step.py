@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -79,16 +80,8 @@ def build(model_name: str, mode: str, device: str):
 
 
 def run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -> dict:
-    saved = {k: os.environ.get(k) for k in MODE_ENV.get(mode, {})}
-    os.environ.update(MODE_ENV.get(mode, {}))
-    try:
+    with mock.patch.dict(os.environ, MODE_ENV.get(mode, {})):  # restored afterwards, even on error
         return _run_mode(model_name, mode, steps, warmup, device)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -> dict:
