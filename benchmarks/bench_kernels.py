@@ -326,6 +326,81 @@ def bench_gemm(shapes) -> list[dict]:
     return out
 
 
+#: Activation shapes (tokens, features) of a GPT-2-small step: the inputs and output gradients of its linears.
+ACTIVATION_SHAPES = [(8192, 768), (8192, 2304), (8192, 3072)]
+#: Tiles of the dequantize sweep, (BLOCK_R, BLOCK_K, num_warps); the first is the default.
+DEQUANT_TILES = [(8, 512, 4), (16, 256, 4), (32, 256, 8), (32, 128, 4)]
+
+
+def bench_operand_passes(tiles: bool, before=None) -> list[dict]:
+    """Per activation shape, the passes around its quantizations, checked then timed (CUDA-graph GPU times):
+    its two tensor amaxes (plain, for the row-wise quantization; through the RHT along tokens, for the weight
+    gradient) as two reductions and as one (`tensor_amaxes_triton`); and the dequantization of its saved x^T
+    (RHT + 1x16 along tokens, round to nearest) into the fp16 weight-gradient operand."""
+    out = []
+    for tokens, features in ACTIVATION_SHAPES:
+        xs = [torch.randn(tokens, features, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+        pair = cq.tensor_amaxes_triton(xs[0].t())
+        amax_ok = (pair[0].item() == cq.tensor_amax_triton(xs[0].t(), hadamard=True).item()
+                   and pair[1].item() == xs[0].float().abs().max().item())
+        qts = [cq.quantize_triton(x.t(), NVFP4, (1, 16), Rounding.NEAREST, hadamard=True) for x in xs]
+        deq = cq.dequantize_unscaled_triton(qts[0])
+        deq_ok = torch.equal(deq.float(), qts[0].dequantize_unscaled().reshape(deq.shape))
+        if not (amax_ok and deq_ok):
+            raise SystemExit(f"{tokens}x{features}: amax pair exact {amax_ok}, dequantize exact {deq_ok}")
+        numel = tokens * features
+        row = dict(shape=f"{tokens}x{features}", amax_pair_exact=amax_ok, dequantize_exact=deq_ok,
+                   ms_two_amax=graph_ms(lambda i: (cq.tensor_amax_triton(xs[i]),
+                                                   cq.tensor_amax_triton(xs[i].t(), hadamard=True)), 3),
+                   ms_one_amax=graph_ms(lambda i: cq.tensor_amaxes_triton(xs[i].t()), 3))
+        sweep = {str(t): graph_ms(lambda i, t=t: cq.dequantize_unscaled_triton(qts[i], _tile=t), 3)
+                 for t in (DEQUANT_TILES if tiles else DEQUANT_TILES[:1])}
+        row.update(dequantize_sweep=sweep, dequantize_tile=min(sweep, key=sweep.get), ms_dequantize=min(sweep.values()),
+                   dequantize_bytes=numel * 2 + numel // 2 + numel // 16)
+        row["tbps_dequantize"] = row["dequantize_bytes"] / row["ms_dequantize"] / 1e9
+        row["tbps_one_amax"] = numel * 2 / row["ms_one_amax"] / 1e9
+        if before is not None:
+            row["ms_dequantize_before"] = graph_ms(lambda i: before.dequantize_unscaled_triton(qts[i]), 3)
+        out.append(row)
+        del xs, qts
+    return out
+
+
+def bench_gemm_in_graph(shapes, autotune: bool) -> list[dict]:
+    """The GEMM as the backend writes it into the graph (`fp4compile.ops.linear._dense_gemm`): ``mm`` of the exact
+    fp16 operands with a float32 result, ``* alpha``, cast to bf16, compiled by Inductor on its own (in the
+    training step Inductor fuses the epilogue into the next kernel instead). Against cuBLAS bf16 in the same layout.
+    With ``autotune``, also Inductor's max-autotune (its Triton GEMM templates, epilogue fused, against cuBLAS)."""
+    def graph_gemm(a, b, alpha):
+        return (torch.mm(a, b, out_dtype=torch.float32) * alpha).to(torch.bfloat16)
+
+    modes = {"default": torch.compile(graph_gemm, dynamic=False)}
+    if autotune:
+        modes["max-autotune"] = torch.compile(graph_gemm, mode="max-autotune-no-cudagraphs", dynamic=False)
+    out = []
+    for name, m, n, k, layout in shapes:
+        a = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(3)]
+        # the stored layouts: W (N, K) read transposed (forward), W (K, N) (input grad), x^T (N, K=tokens)
+        b = [(torch.randn(k, n, device="cuda", dtype=torch.float16) if layout == "input_grad"
+              else torch.randn(n, k, device="cuda", dtype=torch.float16).t()) for _ in range(3)]
+        alpha = torch.tensor(0.37, device="cuda")
+        flops = 2 * m * n * k
+        row = dict(shape=name, m=m, n=n, k=k, layout=layout)
+        ab = [(x.bfloat16(), y.bfloat16()) for x, y in zip(a, b)]
+        row["cublas_bf16"] = flops / graph_ms(lambda i: torch.mm(*ab[i]), 3) / 1e9
+        row["mm_fp32_out"] = flops / graph_ms(lambda i: torch.mm(a[i], b[i], out_dtype=torch.float32), 3) / 1e9
+        for mode, fn in modes.items():
+            expected = graph_gemm(a[0], b[0], alpha)
+            got = fn(a[0], b[0], alpha)
+            if not torch.equal(got, expected):
+                row[mode + "_max_diff"] = (got.float() - expected.float()).abs().max().item()
+            row[mode] = flops / graph_ms(lambda i, fn=fn: fn(a[i], b[i], alpha), 3) / 1e9
+        out.append(row)
+        print(f"  {name:11s} " + " ".join(f"{key} {val:.0f}" if isinstance(val, float) else f"{key} {val}"
+                                          for key, val in row.items() if key not in ("shape", "layout")), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer GEMM shapes")
@@ -333,6 +408,9 @@ def main() -> None:
     parser.add_argument("--quantize-only", action="store_true", help="skip the GEMM part")
     parser.add_argument("--before", metavar="PATH", help="an earlier quantize.py to time side by side (e.g. "
                         "git show HEAD~1:fp4compile/codegen/quantize.py > /tmp/q.py)")
+    parser.add_argument("--passes", action="store_true", help="only the amax and dequantize passes at GPT-2 shapes")
+    parser.add_argument("--gemm-in-graph", action="store_true", help="only the GEMM as written into the graph")
+    parser.add_argument("--autotune", action="store_true", help="with --gemm-in-graph: Inductor max-autotune too")
     args = parser.parse_args()
     before = load_module(args.before) if args.before else None
     torch.manual_seed(0)
@@ -346,6 +424,23 @@ def main() -> None:
     x[6, :32] = -0.0  # negative zeros keep code 0
     x[7, :32] = -1e-38  # tiny values next to the outlier's tensor scale: subnormal or zero block scales
     x[4000:4016, 16:32] = 1e-3  # a 16x16 tile of one value below the tensor's other blocks
+    if args.passes or args.gemm_in_graph:
+        del x
+        if args.passes:
+            RESULTS["passes"] = bench_operand_passes(args.tiles, before)
+            print("\namax and dequantize passes (CUDA-graph GPU us; exact: checked against the reference first)")
+            for r in RESULTS["passes"]:
+                print(f"{r['shape']:10s} amax two passes {1e3 * r['ms_two_amax']:6.1f}  one pass {1e3 * r['ms_one_amax']:6.1f}"
+                      f" ({r['tbps_one_amax']:.2f} TB/s) | dequantize x^T {1e3 * r['ms_dequantize']:6.1f} "
+                      f"({r['tbps_dequantize']:.2f} TB/s, tile {r['dequantize_tile']})"
+                      + (f" before {1e3 * r['ms_dequantize_before']:6.1f}" if before else "")
+                      + f"  sweep {r['dequantize_sweep']}", flush=True)
+        if args.gemm_in_graph:
+            RESULTS["gemm_in_graph"] = bench_gemm_in_graph(GEMM_SHAPES, args.autotune)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "bench_kernels.json"), "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
+        return
     lines = check_quantize(x) + ([] if args.quantize_only else check_gemm(8192, 3072, 768))
     print("\n".join(lines), flush=True)
     RESULTS["correctness"] = lines

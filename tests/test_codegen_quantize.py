@@ -20,7 +20,7 @@ import fp4compile  # noqa: E402
 from fp4compile.numerics.api import check_quantize_args  # noqa: E402
 from fp4compile.numerics.formats import E5M2  # noqa: E402
 from fp4compile.numerics.hadamard import random_hadamard_transform  # noqa: E402
-from fp4compile.numerics.reference import quantize_reference  # noqa: E402
+from fp4compile.numerics.reference import quantize_reference, tensor_amaxes_reference  # noqa: E402
 from fp4compile.numerics.rounding import e2m1_values  # noqa: E402
 from fp4compile.codegen import quantize as cq  # noqa: E402
 
@@ -359,15 +359,37 @@ def test_tensor_amax_kernel():
     assert math.isnan(cq.tensor_amax_triton(x).item())
 
 
+@pytest.mark.parametrize("tile", [None, (16, 32, 2, 2, 1), (64, 16, 4, 1, 4)])
+def test_both_tensor_amaxes_from_one_read(tile):
+    # One pass over the (features, tokens) view gives the amax after the RHT along tokens and the plain amax,
+    # each equal to its own reduction (the reference's), partial tiles included; NaN reaches both.
+    x = torch.randn(80, 48) * 3
+    x[5, 7] = -40.0  # the plain maximum; the RHT spreads it to 10 in its run
+    view = x.to(DEVICE).t()
+    got = cq.tensor_amaxes_triton(view, _tile=tile).cpu()
+    expected = torch.stack([random_hadamard_transform(x.t().float()).abs().max(), x.abs().max()])
+    assert torch.equal(got, expected), (got, expected)
+    assert torch.equal(tensor_amaxes_reference(x.t()), expected)
+    assert torch.equal(cq.tensor_amaxes_triton(view, hadamard=False).cpu(), expected[1].repeat(2))
+    x[70, 3] = float("nan")
+    assert cq.tensor_amaxes_triton(x.to(DEVICE).t(), _tile=tile).isnan().all()
+    # A quantization given its amax equals the one that computes it.
+    a = check_quantize_args(view, "nvfp4", None, "nearest", True)
+    assert_bit_exact(quantize_reference(x.t()[:, :64].contiguous(), a.format, a.block, a.rounding, hadamard=True),
+                     cq.quantize_triton(view[:, :64], a.format, a.block, a.rounding, hadamard=True,
+                                        amax=cq.tensor_amaxes_triton(view[:, :64])[0]))
+
+
 # --- the exact dequantized operand ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("block", [(1, 16), (16, 16)])
-def test_dequantized_operand_is_exact(dtype, block):
-    x = torch.randn(32, 64) * torch.logspace(-4, 4, 64)
+@pytest.mark.parametrize("shape", [(32, 64), (48, 80)])  # (48, 80): partial tiles along both axes
+def test_dequantized_operand_is_exact(dtype, block, shape):
+    x = torch.randn(shape) * torch.logspace(-4, 4, shape[1])
     x[1, 3] = float("inf")
     ref, tri = _both(x.to(DEVICE), block=block)
-    expected = ref.dequantize_unscaled().reshape(32, 64)
+    expected = ref.dequantize_unscaled().reshape(shape)
     out = cq.dequantize_unscaled_triton(tri, dtype).cpu()
     assert out.dtype == dtype
     # Exact: the float32 values survive the cast, NaN blocks stay NaN.

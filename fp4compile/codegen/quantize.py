@@ -39,6 +39,7 @@ from ..numerics.qtensor import QuantizedTensor
 __all__ = [
     "quantize_triton",
     "tensor_amax_triton",
+    "tensor_amaxes_triton",
     "dequantize_unscaled_triton",
     "is_supported",
     "SCALE_E4M3",
@@ -288,20 +289,25 @@ def _amax_tile(x_ptr, tile, num_tiles_k, R, K, stride_r, stride_k, HADAMARD: tl.
 @triton.jit
 def _amax_kernel(x_ptr, amax_bits_ptr, R, K, stride_r, stride_k, num_tiles_k, num_programs,
                  TILES_PER_PROGRAM: tl.constexpr, HADAMARD: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ROW_VEC: tl.constexpr, SIGN_MASK: tl.constexpr):
+                 BLOCK_K: tl.constexpr, ROW_VEC: tl.constexpr, SIGN_MASK: tl.constexpr, WITH_PLAIN: tl.constexpr):
     """Spec step 1: ``amax = max |x|`` (after the RHT where asked). A persistent loop over (BLOCK_R, BLOCK_K)
     tiles that loads tile i + 1 before reducing tile i, one integer atomic max per program (|x| bits order like
-    the values; NaN wins)."""
+    the values; NaN wins). With HADAMARD and WITH_PLAIN, ``max |x|`` before the RHT too, into
+    ``amax_bits_ptr[1]``, from the same loads: the two quantizations of one activation (row-wise for its forward
+    GEMM, through the RHT for the weight gradient) need one read for both tensor amaxes."""
     pid = tl.program_id(0)
     raw = _amax_tile(x_ptr, pid, num_tiles_k, R, K, stride_r, stride_k, HADAMARD, BLOCK_R, BLOCK_K, ROW_VEC)
     best = tl.zeros((BLOCK_R, BLOCK_K // 16), dtype=tl.int32) if HADAMARD else tl.zeros((BLOCK_R, BLOCK_K),
                                                                                        dtype=tl.int32)
+    best_plain = tl.zeros((BLOCK_R, BLOCK_K // 16), dtype=tl.int32)
     for i in range(TILES_PER_PROGRAM):  # constexpr trip count: the interpreter cannot loop to a runtime int
         v = _widen(raw)
         # Past the last tile rows >= R: the load is fully masked.
         raw = _amax_tile(x_ptr, pid + (i + 1) * num_programs, num_tiles_k, R, K, stride_r, stride_k, HADAMARD,
                          BLOCK_R, BLOCK_K, ROW_VEC)
         if HADAMARD:
+            if WITH_PLAIN:
+                best_plain = tl.maximum(best_plain, tl.max(tl.max(_abs_bits(v), axis=3), axis=2))
             v = _hadamard16(v, BLOCK_R, BLOCK_K // 16, 2, SIGN_MASK, False)
             best = tl.maximum(best, tl.max(tl.max(_abs_bits(v), axis=3), axis=2))  # in-thread axes
         else:
@@ -309,6 +315,8 @@ def _amax_kernel(x_ptr, amax_bits_ptr, R, K, stride_r, stride_k, num_tiles_k, nu
     amax_bits = tl.max(tl.max(best, axis=1), axis=0)
     if HADAMARD:  # the RHT's * 1/4, on the maximum
         amax_bits = _abs_bits(amax_bits.to(tl.float32, bitcast=True) * 0.25)
+        if WITH_PLAIN:
+            tl.atomic_max(amax_bits_ptr + 1, tl.max(tl.max(best_plain, axis=1), axis=0))
     tl.atomic_max(amax_bits_ptr, amax_bits)
 
 
@@ -437,28 +445,35 @@ def _quantize_tile(v, row0, rows, col0, cols, s, d_global, q_ptr, scale_ptr, deq
 @triton.jit
 def _dequantize_kernel(q_ptr, scale_ptr, out_ptr, R, K, SCALE_KIND: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                        BLOCK_COLS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``E2M1[c] * d_b`` (exact where the output dtype can hold it: always for E4M3 scales in fp16/bf16)."""
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    half_cols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    mask = (rows < R)[:, None] & (half_cols < K // 2)[None, :]
-    packed = tl.load(q_ptr + rows.to(tl.int64)[:, None] * (K // 2) + half_cols[None, :], mask=mask, other=0)
-    packed = packed.to(tl.int32)
-    code = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_R, BLOCK_K))
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_mask = (rows < R)[:, None] & (cols < K)[None, :]
-    nbk = K // BLOCK_COLS
-    s_ptrs = scale_ptr + (rows // BLOCK_ROWS).to(tl.int64)[:, None] * nbk + (cols // BLOCK_COLS)[None, :]
-    byte = tl.load(s_ptrs, mask=col_mask, other=0).to(tl.int32)
+    """``E2M1[c] * d_b`` of the (BLOCK_R, BLOCK_K) tile (program_id(0), program_id(1)) of a (R, K) code matrix
+    (exact where the output dtype can hold it: always for E4M3 scales in fp16/bf16, spec section 2).
+
+    The tile is viewed as (rows, groups of 16, 2 words, 8 codes): a thread loads a group's two int32 code words
+    (the quantize kernel's packing: lower index in the lower nibble) and the group's one scale byte, and expands
+    them in registers; the values are stored through a plain 2D view (whole lines per warp, as the quantize
+    kernel stores its operand). One scale load per 16 outputs, not one per output.
+    """
+    NG: tl.constexpr = BLOCK_K // 16  # 16-element groups per tile row; a group lies in one block (16 or 32 wide)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    groups = tl.program_id(1) * NG + tl.arange(0, NG)
+    row_ok = rows < R
+    group_ok = groups < K // 16
+    words_per_row = K // 8
+    wcols = groups[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+    words = tl.load(q_ptr + rows.to(tl.int64)[:, None, None] * words_per_row + wcols,
+                    mask=row_ok[:, None, None] & group_ok[None, :, None], other=0)
+    code = (words[:, :, :, None] >> (4 * tl.arange(0, 8))[None, None, None, :]) & 0xF  # (BLOCK_R, NG, 2, 8)
+    s_ptrs = scale_ptr + (rows // BLOCK_ROWS).to(tl.int64)[:, None] * (K // BLOCK_COLS) + (groups * 16 // BLOCK_COLS)[None, :]
+    byte = tl.load(s_ptrs, mask=row_ok[:, None] & group_ok[None, :], other=0).to(tl.int32)
     if SCALE_KIND == 0:
         d = tl.where(byte == 0x7F, float("nan"), _e4m3_value(byte))
     else:
         d = tl.where(byte == 0xFF, float("nan"),
                      tl.where(byte == 0, (1 << 22), byte << 23).to(tl.float32, bitcast=True))
-    vals = _e2m1_value(code) * d
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], vals.to(out_ptr.dtype.element_ty),
-             mask=col_mask)
+    vals = (_e2m1_value(code) * d[:, :, None, None]).to(out_ptr.dtype.element_ty)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], tl.reshape(vals, (BLOCK_R, BLOCK_K)),
+             mask=row_ok[:, None] & (cols < K)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -502,6 +517,8 @@ QUANTIZE_TILE_CUDA_COLUMNS: tuple = (64, 64, 4, 2)
 #: Tiles of the amax kernel on CUDA, (BLOCK_R, BLOCK_K, num_warps, ROW_VEC, programs per SM), likewise.
 AMAX_TILE_CUDA: tuple = (16, 256, 4, 8, 16)
 AMAX_TILE_CUDA_COLUMNS: tuple = (128, 64, 4, 4, 4)
+#: Tile of the dequantize kernel on CUDA, (BLOCK_R, BLOCK_K, num_warps).
+DEQUANTIZE_TILE_CUDA: tuple = (8, 512, 4)
 #: On CPU (the interpreter): small tiles, few programs.
 _TILE_CPU: tuple = (32, 64, 4, 8, 1)
 
@@ -531,9 +548,22 @@ def tensor_amax_triton(x: torch.Tensor, hadamard: bool = False,
     return _amax_bits(x2, rows, k, hadamard, _tile).view(torch.float32).reshape(())
 
 
+def tensor_amaxes_triton(x: torch.Tensor, hadamard: bool = True,
+                         _tile: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+    """``[tensor_amax_triton(x, hadamard), max |x|]`` as a float32 (2,) tensor, from one read of ``x``.
+
+    The amaxes of an activation's two quantizations: through the RHT along the token axis for the weight
+    gradient (``x`` the ``(features, tokens)`` view) and plain for its forward or input-gradient GEMM.
+    """
+    x2, rows, k = _as_2d_view(x)
+    if not hadamard:
+        return _amax_bits(x2, rows, k, False, _tile).view(torch.float32).repeat(2)
+    return _amax_bits(x2, rows, k, True, _tile, with_plain=True).view(torch.float32)
+
+
 def _amax_bits(x2: torch.Tensor, rows: int, k: int, hadamard: bool,
-               _tile: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-    amax_bits = torch.zeros(1, dtype=torch.int32, device=x2.device)
+               _tile: Optional[tuple[int, ...]] = None, with_plain: bool = False) -> torch.Tensor:
+    amax_bits = torch.zeros(2 if with_plain else 1, dtype=torch.int32, device=x2.device)
     if rows == 0 or k == 0:
         return amax_bits
     on_cuda = x2.is_cuda and not _interpreting()
@@ -549,7 +579,7 @@ def _amax_bits(x2: torch.Tensor, rows: int, k: int, hadamard: bool,
     _amax_kernel[(programs,)](
         x2, amax_bits, rows, k, x2.stride(0), x2.stride(1), num_tiles_k, programs,
         TILES_PER_PROGRAM=tiles_per_program, HADAMARD=hadamard, BLOCK_R=block_r, BLOCK_K=block_k,
-        ROW_VEC=min(row_vec, block_r), SIGN_MASK=_RHT_NEG_MASK, num_warps=warps,
+        ROW_VEC=min(row_vec, block_r), SIGN_MASK=_RHT_NEG_MASK, WITH_PLAIN=with_plain, num_warps=warps,
     )
     return amax_bits
 
@@ -637,7 +667,8 @@ def quantize_triton(
     return qt, deq
 
 
-def dequantize_unscaled_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def dequantize_unscaled_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.float16,
+                               _tile: Optional[tuple[int, ...]] = None) -> torch.Tensor:
     """The exact unscaled operand ``E2M1[c] * d_b`` of ``qt`` as a (rows, K) ``dtype`` matrix (spec section 2,
     exactness fact: exact in float16 and bfloat16 for E4M3 scales). NaN where the block scale is NaN."""
     scale_kind = _scale_kind(qt.format)
@@ -648,11 +679,15 @@ def dequantize_unscaled_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.f
     out = torch.empty((rows, k), dtype=dtype, device=qt.qdata.device)
     if rows and k:
         br, bc = qt.block
-        block_r, block_k = 32, max(bc, min(256, triton.next_power_of_2(k)))
-        grid = (triton.cdiv(rows, block_r), triton.cdiv(k, block_k))
-        _dequantize_kernel[grid](
-            qt.qdata.reshape(rows, k // 2), qt.scale.view(torch.uint8).reshape(-1), out, rows, k,
-            SCALE_KIND=scale_kind, BLOCK_ROWS=br, BLOCK_COLS=bc, BLOCK_R=block_r, BLOCK_K=block_k,
+        on_cuda = qt.qdata.is_cuda and not _interpreting()
+        tile_r, tile_k, warps = _tile_config(DEQUANTIZE_TILE_CUDA if on_cuda else _TILE_CPU[:3], _tile)
+        block_r, block_k = max(br, min(tile_r, triton.next_power_of_2(rows))), max(bc, 16, min(tile_k, triton.next_power_of_2(k)))
+        codes = qt.qdata.reshape(rows, k // 2)
+        if not codes.is_contiguous() or codes.storage_offset() % 4:
+            codes = codes.contiguous()  # read as int32 words
+        _dequantize_kernel[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
+            codes.view(torch.int32), qt.scale.view(torch.uint8).reshape(-1), out, rows, k,
+            SCALE_KIND=scale_kind, BLOCK_ROWS=br, BLOCK_COLS=bc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
         )
     return out
 

@@ -7,6 +7,8 @@ CUDA multiplies by the reciprocal when dividing by a Python scalar, which is not
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .formats import E2M1_MAX, Fp4Format, Rounding
@@ -20,7 +22,7 @@ from .rounding import (
     round_to_scale_format,
 )
 
-__all__ = ["quantize_reference", "tensor_encode_scale"]
+__all__ = ["quantize_reference", "tensor_amaxes_reference", "tensor_encode_scale"]
 
 
 def tensor_encode_scale(amax: torch.Tensor, fmt: Fp4Format) -> torch.Tensor:
@@ -47,6 +49,21 @@ def _block_decode_scales(block_amax: torch.Tensor, s: torch.Tensor, fmt: Fp4Form
     return torch.where(torch.isfinite(block_amax), d, torch.full_like(d, float("nan")))
 
 
+def _amax(xf: torch.Tensor) -> torch.Tensor:
+    """``max |xf|`` as float32, NaN if any element is NaN, 0 for an empty tensor."""
+    return xf.abs().amax() if xf.numel() else torch.zeros((), device=xf.device)
+
+
+def tensor_amaxes_reference(x: torch.Tensor, hadamard: bool = True) -> torch.Tensor:
+    """``[amax after the 16-point RHT along the last axis (plain amax when not hadamard), plain amax]`` of ``x``
+    as a float32 (2,) tensor: the tensor amaxes (spec section 2 step 1) of the two quantizations of one
+    activation, one through the RHT for the weight gradient and one without."""
+    xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    plain = _amax(xf)
+    transformed = _amax(random_hadamard_transform(xf)) if hadamard and xf.numel() else plain
+    return torch.stack([transformed, plain])
+
+
 def quantize_reference(
     x: torch.Tensor,
     fmt: Fp4Format,
@@ -55,8 +72,13 @@ def quantize_reference(
     seed: "int | torch.Tensor" = 0,
     offset: "int | torch.Tensor" = 0,
     hadamard: bool = False,
+    amax: Optional[torch.Tensor] = None,
 ) -> QuantizedTensor:
-    """Quantize ``x`` along its last axis (arguments already validated by `fp4compile.quantize`)."""
+    """Quantize ``x`` along its last axis (arguments already validated by `fp4compile.quantize`).
+
+    ``amax``: the tensor amax of ``x`` (after the RHT where ``hadamard``) when the caller already has it
+    (`tensor_amaxes_reference`); the result follows the spec only if it is that exact value.
+    """
     k = x.shape[-1]
     lead = x.shape[:-1]
     xf = x.reshape(-1, k).to(torch.float32)
@@ -66,7 +88,10 @@ def quantize_reference(
     br, bc = block
 
     # Step 1-2: tensor amax and the global encode/decode scales (D correctly rounded: tensor division).
-    amax = xf.abs().amax() if xf.numel() else torch.zeros((), device=xf.device)
+    if amax is None:
+        amax = _amax(xf)
+    else:
+        amax = amax.reshape(()).to(device=xf.device, dtype=torch.float32)
     s = tensor_encode_scale(amax, fmt)
     d_global = torch.ones_like(s) / s
 

@@ -1,4 +1,5 @@
-"""The quantized ops the rewritten graphs call: ``fp4compile::quantize`` and ``fp4compile::gemm``.
+"""The quantized ops the rewritten graphs call: ``fp4compile::quantize``, ``fp4compile::amax`` and
+``fp4compile::gemm``.
 
 They are ``torch.library`` custom ops with fake (meta) kernels, so AOTAutograd and Inductor trace around
 them; Inductor fuses its own kernels around them, never into them. On CPU, and on CUDA without Triton, the
@@ -15,13 +16,13 @@ from typing import Optional
 import torch
 
 from ..numerics.api import check_quantize_args
-from ..numerics.api import quantize as _quantize
 from ..numerics.gemm import gemm_reference
 from ..numerics.qtensor import QuantizedTensor
+from ..numerics.reference import quantize_reference, tensor_amaxes_reference
 from ..policy.precision import OperandPrecision
 from .observe import current_observer
 
-__all__ = ["quantize_operand", "gemm_operands", "to_quantized_tensor", "dequantized_dtype"]
+__all__ = ["quantize_operand", "tensor_amaxes", "gemm_operands", "to_quantized_tensor", "dequantized_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,24 +53,31 @@ def dequantized_dtype(op: OperandPrecision) -> torch.dtype:
     return torch.float16 if op.format.scale_format.name == "e4m3" else torch.float32
 
 
-def _quantize_with_operand(x: torch.Tensor, op: OperandPrecision, seed) -> tuple[QuantizedTensor, torch.Tensor]:
-    """Quantize and also produce the exact unscaled operand, in one kernel pass on CUDA."""
+def _quantize_impl(x: torch.Tensor, op: OperandPrecision, seed, amax: Optional[torch.Tensor],
+                   with_dequantized: bool) -> tuple[QuantizedTensor, Optional[torch.Tensor]]:
+    """Quantize, and with ``with_dequantized`` also produce the exact unscaled operand (in the same kernel pass on
+    CUDA): the Triton kernels on CUDA, the reference quantizer elsewhere. ``amax``: the tensor amax if known."""
+    args = check_quantize_args(x, op.format, op.block, op.rounding, op.hadamard)
+    operand_dtype = dequantized_dtype(op) if with_dequantized else None
     if x.is_cuda:
         from ..codegen import triton_available
 
         if triton_available():
             from ..codegen.quantize import quantize_triton
 
-            args = check_quantize_args(x, op.format, op.block, op.rounding, op.hadamard)
-            return quantize_triton(x, args.format, args.block, args.rounding, seed, 0, args.hadamard,
-                                   dequantized_dtype=dequantized_dtype(op))
-    qt = _quantize(x, op.format, op.block, op.rounding, seed, 0, op.hadamard)
-    return qt, qt.dequantize_unscaled().reshape(-1, x.shape[-1]).to(dequantized_dtype(op))
+            out = quantize_triton(x, args.format, args.block, args.rounding, seed, 0, args.hadamard,
+                                  dequantized_dtype=operand_dtype, amax=amax)
+            return out if with_dequantized else (out, None)
+    qt = quantize_reference(x, args.format, args.block, args.rounding, seed, 0, args.hadamard, amax=amax)
+    if not with_dequantized:
+        return qt, None
+    return qt, qt.dequantize_unscaled().reshape(-1, x.shape[-1]).to(operand_dtype)
 
 
 @torch.library.custom_op("fp4compile::quantize", mutates_args=())
 def quantize_operand(
-    x: torch.Tensor, operand: str, seed: Optional[torch.Tensor], label: str = "", with_dequantized: bool = False
+    x: torch.Tensor, operand: str, seed: Optional[torch.Tensor], label: str = "", with_dequantized: bool = False,
+    amax: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` along its last axis as ``operand`` says; returns (packed codes, block scales as raw bytes,
     tensor scale, exact operand).
@@ -78,14 +86,12 @@ def quantize_operand(
     offset is 0. ``label`` (``"<module>:<role>:<operand>"``) names the operand for observers
     (`fp4compile.ops.observe`). With ``with_dequantized`` the last output is ``E2M1[c] * d_b`` as a (rows, K)
     matrix in `dequantized_dtype` (written by the same kernel on CUDA) for the GEMM to consume without a
-    separate dequantization pass; otherwise it is an empty tensor.
+    separate dequantization pass; otherwise it is an empty tensor. ``amax``: the tensor amax (float32 0-dim,
+    after the RHT where the operand asks for it) from ``fp4compile::amax``, which then is not recomputed.
     """
     op = OperandPrecision.decode(operand)
-    seed_value = seed if seed is not None else 0
-    if with_dequantized:
-        qt, operand_matrix = _quantize_with_operand(x, op, seed_value)
-    else:
-        qt = _quantize(x, op.format, op.block, op.rounding, seed_value, 0, op.hadamard)
+    qt, operand_matrix = _quantize_impl(x, op, seed if seed is not None else 0, amax, with_dequantized)
+    if operand_matrix is None:
         operand_matrix = x.new_empty((0,), dtype=dequantized_dtype(op))
     observer = current_observer()
     if observer is not None:
@@ -94,13 +100,34 @@ def quantize_operand(
 
 
 @quantize_operand.register_fake
-def _quantize_operand_fake(x, operand, seed, label="", with_dequantized=False):
+def _quantize_operand_fake(x, operand, seed, label="", with_dequantized=False, amax=None):
     op = OperandPrecision.decode(operand)
     qdata = x.new_empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.uint8)
     scale = x.new_empty(_scale_shape(tuple(x.shape), op), dtype=_scale_wire_dtype(op))
     rows = math.prod(x.shape[:-1])
     shape = (rows, x.shape[-1]) if with_dequantized else (0,)
     return qdata, scale, x.new_empty((), dtype=torch.float32), x.new_empty(shape, dtype=dequantized_dtype(op))
+
+
+@torch.library.custom_op("fp4compile::amax", mutates_args=())
+def tensor_amaxes(x: torch.Tensor, hadamard: bool) -> torch.Tensor:
+    """``[amax of x after the 16-point RHT along its last axis (plain when not hadamard), max |x|]``, float32
+    (2,), from one read of ``x`` on CUDA: the tensor amaxes of an activation's two quantizations (row-wise for
+    its forward or input-gradient GEMM, through the RHT along tokens for the weight gradient; ``x`` is then the
+    ``(features, tokens)`` view), passed to ``fp4compile::quantize`` as ``amax``."""
+    if x.is_cuda:
+        from ..codegen import triton_available
+
+        if triton_available():
+            from ..codegen.quantize import tensor_amaxes_triton
+
+            return tensor_amaxes_triton(x, hadamard)
+    return tensor_amaxes_reference(x, hadamard)
+
+
+@tensor_amaxes.register_fake
+def _tensor_amaxes_fake(x, hadamard):
+    return x.new_empty((2,), dtype=torch.float32)
 
 
 def to_quantized_tensor(data: torch.Tensor, scale: torch.Tensor, tensor_scale: torch.Tensor, operand: str) -> QuantizedTensor:

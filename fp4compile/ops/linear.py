@@ -55,10 +55,25 @@ def _fold_rank(key: torch.Tensor) -> torch.Tensor:
     return key if salt == 0 else torch.bitwise_xor(key, salt)
 
 
-def _quantize(x: torch.Tensor, op: OperandPrecision, label: str, with_dequantized: bool = False) -> tuple:
+def _quantize(x: torch.Tensor, op: OperandPrecision, label: str, with_dequantized: bool = False,
+              amax: Optional[torch.Tensor] = None) -> tuple:
     """(codes, scales, tensor scale, exact operand or empty): the operand is written in the same kernel pass
-    when the GEMM will consume it (no separate dequantization launch)."""
-    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device), label, with_dequantized)
+    when the GEMM will consume it (no separate dequantization launch). ``amax``: from `_shared_amaxes`."""
+    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device), label, with_dequantized, amax)
+
+
+def _shared_amaxes(x2: torch.Tensor, row_op: OperandPrecision, col_op: OperandPrecision,
+                   token_multiple: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The tensor amaxes of an activation's two quantizations from one read of it: ``(amax for row_op``, along
+    features, ``amax for col_op``, the weight-gradient operand along tokens, after the RHT where it has one).
+
+    ``(None, None)`` (each quantization then takes its own amax) when the row-wise operand has a transform of its
+    own. Zero-padded token rows leave both maxima unchanged.
+    """
+    if row_op.hadamard:
+        return None, None
+    amaxes = torch.ops.fp4compile.amax(_pad_rows(x2, token_multiple).t(), col_op.hadamard)
+    return amaxes[1], amaxes[0]
 
 
 def _gemm(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
@@ -147,12 +162,15 @@ class Fp4LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, cfg: LinearPrecision, out_dtype: torch.dtype, site: str):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
-        fwd = cfg.forward
+        fwd, wgrad = cfg.forward, cfg.weight_grad
+        x_amax = xt_amax = None
+        if not fwd.is_high and not wgrad.is_high:
+            x_amax, xt_amax = _shared_amaxes(x2, fwd.lhs, wgrad.rhs, _token_multiple(wgrad))
         q_weight = None
         if fwd.is_high:
             y = F.linear(x2, weight, bias).to(out_dtype)
         else:
-            q_x = _quantize(x2, fwd.lhs, f"{site}:forward:lhs", with_dequantized=True)
+            q_x = _quantize(x2, fwd.lhs, f"{site}:forward:lhs", with_dequantized=True, amax=x_amax)
             q_weight = _quantize(weight, fwd.rhs, f"{site}:forward:rhs", with_dequantized=True)
             y = _gemm(q_x, q_weight, fwd, False, bias, out_dtype)
 
@@ -164,13 +182,12 @@ class Fp4LinearFunction(torch.autograd.Function):
         # The reused weight keeps its exact fp16 operand too (2 bytes/weight): weights are small next to
         # activations, and the input-gradient GEMM then needs no dequantization pass.
         saved += list(q_weight) if ctx.reuse_weight else [weight]
-        wgrad = cfg.weight_grad
         if wgrad.is_high:
             saved.append(x2)
         else:
             padded = _pad_rows(x2, _token_multiple(wgrad))
             # x^T is saved packed (4.5 bits per element): the activation itself is not kept.
-            saved += list(_quantize(padded.t(), wgrad.rhs, f"{site}:weight_grad:rhs"))[:3]
+            saved += list(_quantize(padded.t(), wgrad.rhs, f"{site}:weight_grad:rhs", amax=xt_amax))[:3]
         ctx.save_for_backward(*saved)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -183,13 +200,16 @@ class Fp4LinearFunction(torch.autograd.Function):
         n = dy.shape[-1]
         dy2 = dy.reshape(-1, n)
         dx = dw = db = None
+        dgrad, wgrad = cfg.input_grad, cfg.weight_grad
+        dy_amax = dyt_amax = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not dgrad.is_high and not wgrad.is_high:
+            dy_amax, dyt_amax = _shared_amaxes(dy2, dgrad.lhs, wgrad.lhs, _token_multiple(wgrad))
 
         if ctx.needs_input_grad[0]:
-            dgrad = cfg.input_grad
             if dgrad.is_high:
                 dx = (dy2 @ weight_parts[0].to(dy2.dtype)).to(ctx.x_dtype)
             else:
-                q_dy = _quantize(dy2, dgrad.lhs, f"{ctx.site}:input_grad:lhs", with_dequantized=True)
+                q_dy = _quantize(dy2, dgrad.lhs, f"{ctx.site}:input_grad:lhs", with_dequantized=True, amax=dy_amax)
                 if ctx.reuse_weight:
                     dx = _gemm(q_dy, weight_parts, dgrad, True, None, ctx.x_dtype)
                 else:
@@ -198,12 +218,11 @@ class Fp4LinearFunction(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape)
 
         if ctx.needs_input_grad[1]:
-            wgrad = cfg.weight_grad
             if wgrad.is_high:
                 dw = (dy2.t() @ act_parts[0].to(dy2.dtype)).to(ctx.weight_dtype)
             else:
                 q_dyt = _quantize(_pad_rows(dy2, _token_multiple(wgrad)).t(), wgrad.lhs, f"{ctx.site}:weight_grad:lhs",
-                                  with_dequantized=True)
+                                  with_dequantized=True, amax=dyt_amax)
                 dw = _gemm(q_dyt, act_parts, wgrad, False, None, ctx.weight_dtype)
 
         if ctx.has_bias and ctx.needs_input_grad[2]:
