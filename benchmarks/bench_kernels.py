@@ -297,7 +297,9 @@ def bench_gemm(shapes) -> list[dict]:
                              amax=cq.tensor_amax_triton(x) if x is not None else None))
         flops = 2 * m * n * k
         row = dict(shape=name, m=m, n=n, k=k, layout=layout)
-        ms = median_ms(lambda i: torch.mm(*sets[i]["bf"]), n_sets)
+        # CUDA-graph replays, as the training step runs them (eager timing adds the host's launch work, which
+        # hides small GEMMs: the earlier table was timed that way).
+        ms = graph_ms(lambda i: torch.mm(*sets[i]["bf"]), n_sets)
         row["cublas_bf16"] = flops / ms / 1e9
         for path in ("cublas_dequant", "triton_dequant", "triton_packed", "triton_fused_quant"):
             if path == "triton_fused_quant" and layout == "weight_grad":
@@ -311,7 +313,7 @@ def bench_gemm(shapes) -> list[dict]:
                                                    a_dequantized=sets[i]["a16"], b_dequantized=sets[i]["b16"])
                 fn(0)
                 torch.cuda.synchronize()
-                ms = median_ms(fn, n_sets)
+                ms = graph_ms(fn, n_sets)
                 row[path] = flops / ms / 1e9
             except Exception as exc:
                 row[path] = None
@@ -330,6 +332,8 @@ def bench_gemm(shapes) -> list[dict]:
 ACTIVATION_SHAPES = [(8192, 768), (8192, 2304), (8192, 3072)]
 #: Tiles of the dequantize sweep, (BLOCK_R, BLOCK_K, num_warps); the first is the default.
 DEQUANT_TILES = [(8, 512, 4), (16, 256, 4), (32, 256, 8), (32, 128, 4)]
+#: More tiles for the one-pass amax pair (column-wise reads), (BLOCK_R, BLOCK_K, warps, ROW_VEC, programs per SM).
+AMAX_PAIR_TILES = [(128, 64, 4, 4, 8), (256, 32, 4, 8, 4), (128, 128, 8, 4, 4), (64, 128, 4, 2, 4)]
 
 
 def bench_operand_passes(tiles: bool, before=None) -> list[dict]:
@@ -361,6 +365,27 @@ def bench_operand_passes(tiles: bool, before=None) -> list[dict]:
         row["tbps_one_amax"] = numel * 2 / row["ms_one_amax"] / 1e9
         if before is not None:
             row["ms_dequantize_before"] = graph_ms(lambda i: before.dequantize_unscaled_triton(qts[i]), 3)
+        if tiles:
+            row["one_amax_sweep"] = {str(t): graph_ms(lambda i, t=t: cq.tensor_amaxes_triton(xs[i].t(), _tile=t), 3)
+                                     for t in AMAX_TILES["columns"] + AMAX_PAIR_TILES}
+        # The four quantizations of an activation in the NV recipe's step, amax given (the pass alone).
+        amax_pairs = [cq.tensor_amaxes_triton(x.t()) for x in xs]
+        quantizations = {
+            "x rows RTN +fp16": (lambda i: xs[i], Rounding.NEAREST, False, torch.float16, 1),
+            "x^T RHT RTN": (lambda i: xs[i].t(), Rounding.NEAREST, True, None, 0),
+            "dy rows SR +fp16": (lambda i: xs[i], Rounding.STOCHASTIC, False, torch.float16, 1),
+            "dy^T RHT SR +fp16": (lambda i: xs[i].t(), Rounding.STOCHASTIC, True, torch.float16, 0),
+        }
+        row["quantize"] = {}
+        for name, (view, rnd, had, deq, which) in quantizations.items():
+            kind = "columns" if had else "rows"
+            nbytes = numel * 2 + numel // 2 + numel // 16 + (numel * 2 if deq else 0)
+            sweep = {str(t): graph_ms(lambda i, t=t: cq.quantize_triton(view(i), NVFP4, (1, 16), rnd, 1, 0, had, deq,
+                                                                      amax=amax_pairs[i][which], _tile=t), 3)
+                     for t in ([None] + QUANT_TILES[kind] if tiles else [None])}
+            best = min(sweep, key=sweep.get)
+            row["quantize"][name] = dict(us=1e3 * sweep[best], tile=best, tbps=nbytes / sweep[best] / 1e9,
+                                         us_default=1e3 * sweep["None"])
         out.append(row)
         del xs, qts
     return out
@@ -435,6 +460,11 @@ def main() -> None:
                       f"({r['tbps_dequantize']:.2f} TB/s, tile {r['dequantize_tile']})"
                       + (f" before {1e3 * r['ms_dequantize_before']:6.1f}" if before else "")
                       + f"  sweep {r['dequantize_sweep']}", flush=True)
+                if "one_amax_sweep" in r:
+                    print("   amax pair tiles: " + ", ".join(f"{t} {1e3 * v:.1f}" for t, v in r["one_amax_sweep"].items()))
+                for name, q in r["quantize"].items():
+                    print(f"   quantize {name:18s} {q['us']:6.1f} us {q['tbps']:5.2f} TB/s (tile {q['tile']}; "
+                          f"default {q['us_default']:.1f})")
         if args.gemm_in_graph:
             RESULTS["gemm_in_graph"] = bench_gemm_in_graph(GEMM_SHAPES, args.autotune)
         if os.environ.get("OUT"):
