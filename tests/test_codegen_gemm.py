@@ -207,3 +207,106 @@ def test_full_size_8192_cubed_and_odd_leading_shape():
     c = cg.gemm_quantize_a(x3, b3)
     assert c.shape == (3, 1000, 2304)
     check_against_float64(c, a3, b3, False)
+
+
+# --- gemm_dense: the TMA kernel (Hopper) and its pointer-load fallback -----------------------------------------
+
+def _dense_case(m, n, k, b_kn_stored, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, k, generator=g).half().to(DEVICE)
+    if b_kn_stored:
+        b_kn = torch.randn(k, n, generator=g).half().to(DEVICE)
+    else:
+        b_kn = torch.randn(n, k, generator=g).half().to(DEVICE).t()
+    d_a = torch.tensor(0.37, device=DEVICE)
+    d_b = torch.tensor(1.9e-3, device=DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE)
+    return a, b_kn, d_a, d_b, bias
+
+
+def dense_reference(a, b_kn, d_a, d_b, bias):
+    """float64 product of `gemm_dense`'s operands and its FP32-accumulation bound (as `check_against_float64`),
+    on the operands' device."""
+    k = a.shape[1]
+    a64, b64 = a.double(), b_kn.double()
+    alpha = (d_a * d_b).double()  # one fp32 product, as the kernel forms it
+    exact = (a64 @ b64) * alpha + (bias.double() if bias is not None else 0)
+    tol = 2 * k * 2.0**-24 * (a64.abs() @ b64.abs()) * alpha + 4 * 2.0**-24 * exact.abs()
+    return exact, tol
+
+
+def check_dense(c, ref):
+    exact, tol = ref
+    if c.dtype in (torch.float16, torch.bfloat16):
+        tol = tol + exact.abs() * torch.finfo(c.dtype).eps / 2 + torch.finfo(c.dtype).smallest_normal
+    worst = ((c.double() - exact).abs() / tol).max().item()
+    assert worst <= 1.0, f"error {worst:.3g}x the FP32 accumulation bound"
+
+
+_DENSE_INTERP_CONFIGS = [
+    cg.DenseConfig(32, 32, 32, 2, 4, 1),
+    cg.DenseConfig(32, 64, 16, 2, 4, 1, epi_split=True),
+    cg.DenseConfig(32, 32, 16, 2, 4, 1, schedule="split"),
+    cg.DenseConfig(32, 64, 16, 1, 4, 1, schedule="split", epi_split=True),
+    cg.DenseConfig(32, 32, 16, 2, 4, 1, schedule="headtail"),
+]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs the TMA kernel on CPU; the GPU tests below")
+@pytest.mark.parametrize("config", _DENSE_INTERP_CONFIGS, ids=lambda c: c.name())
+@pytest.mark.parametrize("b_kn_stored", [False, True], ids=["B(N,K)", "B(K,N)"])
+@pytest.mark.parametrize("mnk,progs", [((48, 80, 64), 4), ((100, 72, 96), 5), ((64, 96, 256), 7),
+                                       ((64, 64, 256), 13)])
+def test_dense_tma_kernel_interpreted(config, b_kn_stored, mnk, progs):
+    # Ragged edges (TMA zero fill and clipped stores), several tiles per program, whole waves plus split
+    # leftover tiles, head/tail cuts.
+    a, b_kn, d_a, d_b, bias = _dense_case(*mnk, b_kn_stored)
+    for out_dtype, with_bias in ((torch.float32, True), (torch.float16, False)):
+        c = cg.gemm_dense(a, b_kn, d_a, d_b, bias if with_bias else None, out_dtype, config=config,
+                          _force_tma=True, _num_progs=progs)
+        assert c.dtype == out_dtype and c.shape == (mnk[0], mnk[1])
+        check_dense(c, dense_reference(a, b_kn, d_a, d_b, bias if with_bias else None))
+    assert not cg._FLAGS or all(int(f.abs().sum()) == 0 for f in cg._FLAGS.values()), "tile flags left set"
+
+
+def test_dense_schedule_args():
+    split, headtail = cg.DenseConfig(schedule="split"), cg.DenseConfig(schedule="headtail")
+    # (SCHEDULE, SPLIT_K, DP_TILES, K_HEAD, workspace slots) for (tiles, k-steps, programs)
+    assert cg._schedule_args(split, 144, 128, 132) == (1, 11, 132, 0, 120)  # GPT-2 fc1 weight grad, 128x128
+    assert cg._schedule_args(split, 36, 128, 132) == (1, 3, 0, 0, 72)  # proj weight grad
+    assert cg._schedule_args(split, 264, 128, 132) == (0, 1, 0, 0, 0)  # whole waves: data-parallel
+    assert cg._schedule_args(headtail, 108, 128, 132) == (2, 1, 0, 107, 108)  # qkv weight grad: 5 tails each
+    assert cg._schedule_args(headtail, 144, 128, 132)[0] == 1  # more tiles than programs: split
+    assert cg._schedule_args(cg.DenseConfig(schedule="split", split_k=4), 36, 128, 132)[:2] == (1, 4)
+    # the interpreted cases above do take the cut schedules
+    assert cg._schedule_args(split, 12, 6, 5)[0] == 1 and cg._schedule_args(headtail, 4, 16, 13)[0] == 2
+
+
+def test_dense_fallback_and_out():
+    a, b_kn, d_a, d_b, bias = _dense_case(40, 24, 48, False)
+    out = torch.full((40, 24), float("nan"), device=DEVICE)
+    c = cg.gemm_dense(a, b_kn, d_a, d_b, bias, torch.float32, out=out)
+    assert c is out
+    check_dense(c, dense_reference(a, b_kn, d_a, d_b, bias))
+    assert cg.dense_tma_supported(a, b_kn, torch.float32) == (
+        DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9)
+    with pytest.raises(ValueError):
+        cg.gemm_dense(a, b_kn, d_a, d_b, out=torch.empty(40, 24, device=DEVICE))  # bf16 default, fp32 out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mnk,b_kn_stored", [((8192, 2304, 768), False), ((8192, 768, 3072), True),
+                                               ((3072, 768, 8192), False), ((768, 768, 8192), False),
+                                               ((1000, 776, 520), True)])
+def test_dense_full_size_on_gpu(mnk, b_kn_stored):
+    a, b_kn, d_a, d_b, bias = _dense_case(*mnk, b_kn_stored)
+    ref = dense_reference(a, b_kn, d_a, d_b, bias)
+    configs = [None, cg.DenseConfig(128, 128, 64, 8, 8, 4, schedule="split"),
+               cg.DenseConfig(128, 128, 64, 8, 4, 4, schedule="headtail"),
+               cg.DenseConfig(128, 256, 64, 8, 8, 3, epi_split=True)]
+    for config in configs:
+        c = torch.full(mnk[:2], float("nan"), device="cuda", dtype=torch.bfloat16)
+        cg.gemm_dense(a, b_kn, d_a, d_b, bias, torch.bfloat16, config=config, out=c)
+        check_dense(c, ref)
+        if config is not None and config.schedule != "dp":  # the cut schedules add partials in a fixed order
+            assert torch.equal(c, cg.gemm_dense(a, b_kn, d_a, d_b, bias, torch.bfloat16, config=config))

@@ -12,7 +12,8 @@ Paths (names recorded by the backend; see `choose_gemm_path`):
     (``torch.mm(..., out_dtype=float32)``), then a one-pass Triton epilogue ``C * alpha + bias``.
 ``"triton_dequant"``
     the same fp16 operands into a Triton tensor-core GEMM whose epilogue applies alpha (read on the device,
-    no host sync) and the bias.
+    no host sync) and the bias: `gemm_dense`, on Hopper a persistent TMA kernel (`_dense_tma_kernel`), else the
+    pointer-load `_gemm_kernel`.
 ``"triton_packed"``
     a Triton GEMM that loads packed E2M1 codes and E4M3 scale bytes and dequantizes them in registers.
 ``"triton_fused_quant"``
@@ -29,8 +30,10 @@ gradient ``dy^T (N, M) . x^T (K, M)``, both quantized along the token axis M.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -60,6 +63,10 @@ __all__ = [
     "GEMM_PATHS",
     "native_fp4_available",
     "MEASURED_PATH_TABLE",
+    "gemm_dense",
+    "DenseConfig",
+    "DENSE_CONFIG_TABLE",
+    "dense_tma_supported",
 ]
 
 logger = logging.getLogger(__name__)
@@ -272,6 +279,426 @@ def _launch_gemm(a_arg, sa, b_arg, sb, out, bias, d_a, d_b, amax_a, m, n, k, a_s
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Dense GEMM on Hopper: TMA tensor descriptors, a persistent grid, the epilogue fused (``gemm_dense``)
+# ----------------------------------------------------------------------------------------------------------
+#
+# The "triton_dequant" product of two exact fp16 operands, written for sm_90: A (M, K) row-major and B stored
+# either (N, K) row-major (forward and weight gradient: read transposed) or (K, N) row-major (input gradient),
+# both read through host-side TMA descriptors (the bulk tensor copy engine; out-of-bounds rows and columns read
+# as zeros and are clipped on the store, so no masks), the C tile written by a TMA store in the output dtype.
+# Three schedules (`DenseConfig.schedule`):
+#   * "dp" (data-parallel): NUM_PROGS persistent programs walk the output tiles in grouped order, each tile's
+#     whole K; the programs at work at any moment hold neighbouring tiles at the same k, so A and B come from L2.
+#   * "split": for few-tile, long-K shapes (weight gradients: 36-144 tiles of 128x128 on 132 SMs), the whole waves
+#     of tiles run data-parallel and the R tiles left over are cut into S k-chunks (S = NUM_PROGS // R: one more
+#     wave of short units, all programs at the same k-chunk at once). The unit holding a tile's last chunk waits
+#     for the S - 1 FP32 partial tiles of the others (workspace, in L2), then adds them to its own in chunk order.
+#   * "headtail": T < NUM_PROGS tiles: T programs take the first K_HEAD k-steps of one tile each, the others take
+#     the remaining k-steps of T / (NUM_PROGS - T) tiles each; the head waits for its tail's partial and adds it.
+# Both cut schedules are deterministic (fixed order of the adds; atomics only on the per-tile flags) and wait
+# only on units that never wait, so they cannot deadlock while all NUM_PROGS programs are resident (NUM_PROGS is
+# at most the number of SMs and one program fits on an SM).
+# Epilogue in the reference's order for all: (acc * (D_a * D_b)) rounded to FP32, + bias in FP32, the cast.
+
+
+@triton.jit
+def _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row tiles walk the column tiles together (their B columns stay in L2)."""
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % width) % rows, (tile % width) // rows
+
+
+@triton.jit
+def _dense_step(a_desc, b_desc, acc, off_m, off_n, ki, B_KN: tl.constexpr, BLOCK_K: tl.constexpr):
+    off_k = ki * BLOCK_K
+    a = a_desc.load([off_m, off_k])
+    if B_KN:
+        b = b_desc.load([off_k, off_n])
+    else:
+        b = b_desc.load([off_n, off_k]).T
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dense_mma(a_desc, b_desc, acc, off_m, off_n, k_lo, k_hi, B_KN: tl.constexpr, BLOCK_K: tl.constexpr,
+               INTERP: tl.constexpr):
+    """acc += A[off_m:, k] B[k, off_n:] over k-steps k_lo..k_hi-1 (fp16 operands, FP32 accumulator).
+
+    INTERP (the interpreter only): a while loop, since Triton 3.6's interpreter cannot take a runtime loop bound
+    under NumPy 2.4 (compiled kernels need the for loop: only it is software-pipelined)."""
+    if INTERP:
+        ki = k_lo
+        while ki < k_hi:
+            acc = _dense_step(a_desc, b_desc, acc, off_m, off_n, ki, B_KN, BLOCK_K)
+            ki += 1
+    else:
+        for ki in range(k_lo, k_hi):
+            acc = _dense_step(a_desc, b_desc, acc, off_m, off_n, ki, B_KN, BLOCK_K)
+    return acc
+
+
+@triton.jit
+def _dense_store(c_desc, acc, alpha, bias_ptr, off_m, off_n, N, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr):
+    c = acc * alpha
+    if HAS_BIAS:
+        rn = off_n + tl.arange(0, WIDTH)
+        c = c + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    c_desc.store([off_m, off_n], c.to(c_desc.dtype))
+
+
+@triton.jit
+def _dense_epilogue(c_desc, acc, alpha, bias_ptr, off_m, off_n, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr):
+    """C tile = (acc * alpha) (+ bias) in the output dtype; EPI_SPLIT stores it as two (BLOCK_M, BLOCK_N/2)
+    halves (half the shared-memory staging of the TMA store)."""
+    if EPI_SPLIT:
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        _dense_store(c_desc, left, alpha, bias_ptr, off_m, off_n, N, HAS_BIAS, BLOCK_N // 2)
+        _dense_store(c_desc, right, alpha, bias_ptr, off_m, off_n + BLOCK_N // 2, N, HAS_BIAS, BLOCK_N // 2)
+    else:
+        _dense_store(c_desc, acc, alpha, bias_ptr, off_m, off_n, N, HAS_BIAS, BLOCK_N)
+
+
+_FLAG_STRIDE = tl.constexpr(32)  # int32 flags 128 bytes apart: pollers of one tile do not share a line
+
+
+@triton.jit
+def _put_partial(ws_ptr, flag_ptr, slot, tile, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write an FP32 partial tile to workspace slot `slot` (L2), then count it on the tile's flag (release)."""
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(ws_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs, acc, cache_modifier=".cg")
+    tl.debug_barrier()
+    tl.atomic_add(flag_ptr + tile * _FLAG_STRIDE, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _add_partial(ws_ptr, slot, acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    return acc + tl.load(ws_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+
+
+@triton.jit
+def _wait_partials(flag_ptr, tile, count):
+    """Spin until the tile's flag reaches `count`, zeroing it then for the next launch: a compare-and-swap
+    (acquire), issued by one thread of the program (a scalar atomic), on a flag alone in its 128-byte line."""
+    while tl.atomic_cas(flag_ptr + tile * _FLAG_STRIDE, count, 0, sem="acquire", scope="gpu") != count:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _dense_tma_kernel(
+    a_desc, b_desc, c_desc, bias_ptr, da_ptr, db_ptr, ws_ptr, flag_ptr, M, N, K, DP_TILES, K_HEAD,
+    B_KN: tl.constexpr, HAS_BIAS: tl.constexpr, SCHEDULE: tl.constexpr, SPLIT_K: tl.constexpr,
+    FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] = (D_a * D_b) * (A @ B) (+ bias), A and B exact fp16 operands read by TMA, FP32 accumulator.
+
+    SCHEDULE 0 "dp": tiles [0, num_tiles) whole. 1 "split": tiles [0, DP_TILES) whole, the others in SPLIT_K
+    k-chunks. 2 "headtail": k-steps [0, K_HEAD) of tile t on program NUM_PROGS - num_tiles + t, the rest of the
+    tiles' k-steps on programs [0, NUM_PROGS - num_tiles) (tails first in program order: the interpreter runs the
+    programs one after the other). INTERP: run under the interpreter (while loops in place of the runtime-bounded
+    for loops, see `_dense_mma`).
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    alpha = tl.load(da_ptr) * tl.load(db_ptr)  # one fp32 product, as the reference's D_a * D_b
+
+    if SCHEDULE != 2:
+        dp_tiles = num_tiles if SCHEDULE == 0 else DP_TILES
+        if INTERP:
+            tile = pid
+            while tile < dp_tiles:
+                pid_m, pid_n = _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc = _dense_mma(a_desc, b_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0, k_tiles, B_KN, BLOCK_K,
+                                 INTERP)
+                _dense_epilogue(c_desc, acc, alpha, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS,
+                                BLOCK_M, BLOCK_N, EPI_SPLIT)
+                tile += NUM_PROGS
+        else:
+            # The epilogue's tile index is a second counter (as in Triton's persistent-matmul tutorial): with the
+            # loop flattened, the epilogue of one tile and the loads of the next share an iteration.
+            tile_c = pid - NUM_PROGS
+            for tile in tl.range(pid, dp_tiles, NUM_PROGS, flatten=FLATTEN):
+                pid_m, pid_n = _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc = _dense_mma(a_desc, b_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0, k_tiles, B_KN, BLOCK_K,
+                                 INTERP)
+                tile_c += NUM_PROGS
+                pid_m, pid_n = _tile_mn(tile_c, num_pid_m, num_pid_n, GROUP_M)
+                _dense_epilogue(c_desc, acc, alpha, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS,
+                                BLOCK_M, BLOCK_N, EPI_SPLIT)
+        if SCHEDULE == 1:
+            # Unit v = s * rest + r: chunk s of tile DP_TILES + r. Programs take units in increasing v and a last
+            # chunk waits only on smaller v of its tile, never waiting themselves.
+            rest = num_tiles - DP_TILES
+            chunk = tl.cdiv(k_tiles, SPLIT_K)
+            v = pid
+            while v < rest * SPLIT_K:
+                s = v // rest
+                r = v % rest
+                tile = DP_TILES + r
+                pid_m, pid_n = _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc = _dense_mma(a_desc, b_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, s * chunk,
+                                 tl.minimum(s * chunk + chunk, k_tiles), B_KN, BLOCK_K, INTERP)
+                if s < SPLIT_K - 1:
+                    _put_partial(ws_ptr, flag_ptr, r * (SPLIT_K - 1) + s, tile, acc, BLOCK_M, BLOCK_N)
+                else:
+                    _wait_partials(flag_ptr, tile, SPLIT_K - 1)
+                    for q in range(SPLIT_K - 1):  # own chunk + chunks 0, 1, ..: a fixed order
+                        acc = _add_partial(ws_ptr, r * (SPLIT_K - 1) + q, acc, BLOCK_M, BLOCK_N)
+                    _dense_epilogue(c_desc, acc, alpha, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS,
+                                    BLOCK_M, BLOCK_N, EPI_SPLIT)
+                v += NUM_PROGS
+    else:
+        n_tail = NUM_PROGS - num_tiles  # programs [0, n_tail) do tails; the host makes sure num_tiles < NUM_PROGS
+        if pid >= n_tail:
+            tile = pid - n_tail
+            pid_m, pid_n = _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = _dense_mma(a_desc, b_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, 0, K_HEAD, B_KN, BLOCK_K, INTERP)
+            _wait_partials(flag_ptr, tile, 1)
+            acc = _add_partial(ws_ptr, tile, acc, BLOCK_M, BLOCK_N)
+            _dense_epilogue(c_desc, acc, alpha, bias_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, N, HAS_BIAS,
+                            BLOCK_M, BLOCK_N, EPI_SPLIT)
+        else:
+            tile = pid
+            while tile < num_tiles:
+                pid_m, pid_n = _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc = _dense_mma(a_desc, b_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, K_HEAD, k_tiles, B_KN,
+                                 BLOCK_K, INTERP)
+                _put_partial(ws_ptr, flag_ptr, tile, tile, acc, BLOCK_M, BLOCK_N)
+                tile += n_tail
+
+
+_SCHEDULES = {"dp": 0, "split": 1, "headtail": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+    """A tile configuration and schedule of `_dense_tma_kernel` (see the schedules above; ``split_k`` 0: the
+    host picks S = programs // leftover tiles)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 4
+    schedule: str = "dp"
+    epi_split: bool = False
+    flatten: bool = True
+    split_k: int = 0
+
+    def name(self) -> str:
+        s = f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+        if self.group_m != 8:
+            s += f" g{self.group_m}"
+        if self.schedule != "dp":
+            s += f" {self.schedule}" + (f"{self.split_k}" if self.split_k else "")
+        return s + (" epi/2" if self.epi_split else "") + (" flat" if self.flatten else "")
+
+
+#: Measured on the H100 (benchmarks/bench_gemm_dense.py --sweep, 2026-11-23, bf16 output): the fastest configuration
+#: per (M, N, K, B stored (K, N)) for the GPT-2-small training GEMMs (8192 tokens) and 8192^3. The weight gradients
+#: stay under 85% of cuBLAS bf16 (73-86%): their cut schedules pay for FP32 partial tiles moved by scalar stores.
+DENSE_CONFIG_TABLE: dict[tuple[int, int, int, bool], DenseConfig] = {
+    (8192, 2304, 768, False): DenseConfig(128, 128, 64, 8, 4, 5),  # qkv forward
+    (8192, 768, 768, False): DenseConfig(128, 128, 64, 8, 4, 5),  # proj forward
+    (8192, 3072, 768, False): DenseConfig(128, 256, 64, 8, 8, 4, epi_split=True),  # fc1 forward
+    (8192, 768, 3072, False): DenseConfig(128, 128, 64, 4, 4, 4),  # fc2 forward
+    (8192, 768, 2304, True): DenseConfig(128, 128, 64, 8, 4, 5),  # qkv input grad
+    (8192, 768, 3072, True): DenseConfig(128, 128, 64, 4, 4, 4),  # fc1 input grad
+    (8192, 3072, 768, True): DenseConfig(128, 256, 64, 8, 8, 4, epi_split=True),  # fc2 input grad
+    (2304, 768, 8192, False): DenseConfig(128, 128, 64, 8, 4, 5),  # qkv weight grad
+    (3072, 768, 8192, False): DenseConfig(128, 256, 64, 8, 8, 4, schedule="headtail", epi_split=True),  # fc1 wgrad
+    (768, 3072, 8192, False): DenseConfig(128, 256, 64, 8, 8, 4, schedule="headtail", epi_split=True),  # fc2 wgrad
+    (768, 768, 8192, False): DenseConfig(128, 128, 64, 8, 8, 4, schedule="split"),  # proj weight grad
+    (8192, 8192, 8192, False): DenseConfig(128, 256, 64, 8, 8, 4, epi_split=True),
+}
+
+
+def _fit_output(cfg: DenseConfig, out_dtype: torch.dtype) -> DenseConfig:
+    """`cfg` with its shared memory within the 227 KB of an sm_90 block for a 4-byte output: the C tile's staging
+    for the TMA store doubles, so the 128x256 tiles store in halves with 3 stages and 128x128 keep 4 stages."""
+    if torch.empty((), dtype=out_dtype).element_size() <= 2:
+        return cfg
+    if cfg.block_m * cfg.block_n > 128 * 128:
+        return dataclasses.replace(cfg, epi_split=True, num_stages=min(cfg.num_stages, 3))
+    return dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 4))
+
+
+def _default_dense_config(m: int, n: int, k: int, b_kn: bool, num_progs: int) -> DenseConfig:
+    """The configuration for a shape not in `DENSE_CONFIG_TABLE`: 128x256 tiles where they give several waves,
+    a cut schedule where 128x128 tiles leave a large part of the last wave idle and K is long, else 128x128."""
+    if (m, n, k, b_kn) in DENSE_CONFIG_TABLE:
+        return DENSE_CONFIG_TABLE[(m, n, k, b_kn)]
+    tiles128 = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+    waves = tiles128 / num_progs
+    if k >= 2048 and tiles128 < 4 * num_progs and waves / math.ceil(waves) < 0.9:
+        return DenseConfig(128, 128, 64, 8, 8, 4, schedule="split")
+    if triton.cdiv(m, 128) * triton.cdiv(n, 256) >= 4 * num_progs:
+        return DenseConfig(128, 256, 64, 8, 8, 4, epi_split=True)
+    return DenseConfig(128, 128, 64, 8, 4, 5)
+
+
+def _schedule_args(cfg: DenseConfig, tiles: int, k_tiles: int, num_progs: int) -> tuple[int, int, int, int, int]:
+    """(SCHEDULE, SPLIT_K, DP_TILES, K_HEAD, workspace slots) for `cfg` on this problem; a cut schedule that does
+    not apply (no leftover tiles, a single chunk) runs as "dp"."""
+    if cfg.schedule == "headtail" and tiles < num_progs and k_tiles > 1:
+        rounds = triton.cdiv(tiles, num_progs - tiles)
+        k_head = min(triton.cdiv(rounds * k_tiles, rounds + 1), k_tiles - 1)
+        return 2, 1, 0, k_head, tiles
+    if cfg.schedule in ("split", "headtail"):
+        dp_tiles = tiles // num_progs * num_progs
+        rest = tiles - dp_tiles
+        split = min(cfg.split_k or (num_progs // rest if rest else 1), k_tiles)
+        if rest and split > 1:
+            return 1, split, dp_tiles, 0, rest * (split - 1)
+    return 0, 1, 0, 0, 0
+
+
+_GL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A 2-D view TMA can read: last stride 1, 16-byte aligned base and row stride."""
+    size = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
+            and t.stride(0) >= t.shape[1])
+
+
+def dense_tma_supported(a16: torch.Tensor, b_kn: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether `gemm_dense` takes the TMA kernel: a CUDA device of compute capability 9.0 or newer (not the
+    interpreter), fp16/bf16 operands of one dtype, A row-major and B stored row-major as (K, N) or (N, K), all
+    16-byte aligned, and an output row of whole 16-byte units."""
+    if _interpreting() or not a16.is_cuda or torch.cuda.get_device_capability(a16.device)[0] < 9:
+        return False
+    if a16.dtype not in _GL_DTYPES or b_kn.dtype != a16.dtype or out_dtype not in (*_GL_DTYPES, torch.float32):
+        return False
+    n = b_kn.shape[1]
+    if a16.shape[1] == 0 or (n * torch.empty((), dtype=out_dtype).element_size()) % 16:
+        return False
+    return _tma_ok(a16) and (_tma_ok(b_kn) or _tma_ok(b_kn.t()))
+
+
+_FLAGS: dict = {}
+
+
+def _tile_flags(device: torch.device, count: int) -> torch.Tensor:
+    """Per-device int32 tile flags of the cut schedules, zero between launches (each launch leaves them zero).
+
+    Shared by every launch on the device: two launches with a cut schedule must not run concurrently on
+    different streams of one device.
+    """
+    count *= _FLAG_STRIDE.value
+    flags = _FLAGS.get(device)
+    if flags is None or flags.numel() < count:
+        flags = torch.zeros(max(count, 4096 * _FLAG_STRIDE.value), dtype=torch.int32, device=device)
+        _FLAGS[device] = flags
+    return flags
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch_dense_tma(a16, b_kn, out, bias, d_a, d_b, cfg: DenseConfig, num_progs: Optional[int] = None) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = a16.shape
+    n = b_kn.shape[1]
+    b_is_kn = _tma_ok(b_kn)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    a_desc = TensorDescriptor(a16, [m, k], [a16.stride(0), 1], [bm, bk])
+    if b_is_kn:
+        b_desc = TensorDescriptor(b_kn, [k, n], [b_kn.stride(0), 1], [bk, bn])
+    else:
+        b_nk = b_kn.t()
+        b_desc = TensorDescriptor(b_nk, [n, k], [b_nk.stride(0), 1], [bn, bk])
+    c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm, bn // 2 if cfg.epi_split else bn])
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    if num_progs is None:
+        num_progs = _num_sms(out.device.index or 0) if out.is_cuda else 4
+    schedule, split, dp_tiles, k_head, slots = _schedule_args(cfg, tiles, triton.cdiv(k, bk), num_progs)
+    if schedule:
+        ws = torch.empty(slots * bm * bn, dtype=torch.float32, device=out.device)
+        flags = _tile_flags(out.device, tiles)
+    else:
+        num_progs = min(num_progs, tiles)
+        ws = flags = out
+    interpret = _interpreting()
+    _dense_tma_kernel[(num_progs,)](
+        a_desc, b_desc, c_desc, bias if bias is not None else out, d_a, d_b, ws, flags, m, n, k, dp_tiles, k_head,
+        B_KN=b_is_kn, HAS_BIAS=bias is not None, SCHEDULE=schedule, SPLIT_K=split, FLATTEN=cfg.flatten,
+        EPI_SPLIT=cfg.epi_split, NUM_PROGS=num_progs, INTERP=interpret,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
+        **({} if interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)),
+    )
+
+
+def gemm_dense(
+    a16: torch.Tensor,
+    b_kn: torch.Tensor,
+    d_a: torch.Tensor,
+    d_b: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: Optional[DenseConfig] = None,
+    out: Optional[torch.Tensor] = None,
+    _force_tma: bool = False,
+    _num_progs: Optional[int] = None,
+) -> torch.Tensor:
+    """``((D_a * D_b) * (A @ B)) (+ bias)`` in ``out_dtype``: the "triton_dequant" product of two exact fp16
+    operands with FP32 accumulation and the epilogue fused, in the reference's order.
+
+    Args:
+        a16: ``(M, K)`` exact operand.
+        b_kn: the logical ``(K, N)`` operand: a row-major ``(K, N)`` tensor or the ``.t()`` view of a row-major
+            ``(N, K)`` one.
+        d_a, d_b: the per-tensor decode scales, float32 scalars on the device (read there: no host sync).
+        bias: optional ``(N,)``, added in float32 after alpha.
+        config: a `DenseConfig` (default: `DENSE_CONFIG_TABLE`, else `_default_dense_config`).
+        out: optional contiguous ``(M, N)`` result tensor of ``out_dtype`` to write into.
+
+    On Hopper (`dense_tma_supported`) the TMA kernel runs; elsewhere, and under the interpreter, the
+    pointer-load `_gemm_kernel` (same numerics). ``_force_tma``/``_num_progs`` run the TMA kernel under the
+    interpreter (tests).
+    """
+    m, k = a16.shape
+    if b_kn.shape[0] != k:
+        raise ValueError(f"gemm_dense: K differs: a {tuple(a16.shape)}, b {tuple(b_kn.shape)}")
+    n = b_kn.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a16.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"gemm_dense: out must be a contiguous ({m}, {n}) {out_dtype} tensor")
+    if m == 0 or n == 0:
+        return out
+    if bias is not None:
+        bias = bias.contiguous()
+    if _force_tma or dense_tma_supported(a16, b_kn, out_dtype):
+        if config is None:
+            num = _num_sms(a16.device.index or 0) if a16.is_cuda else 4
+            config = _fit_output(_default_dense_config(m, n, k, _tma_ok(b_kn), num), out_dtype)
+        _launch_dense_tma(a16, b_kn, out, bias, d_a, d_b, config, _num_progs)
+    else:
+        _launch_gemm(a16, a16, b_kn, b_kn, out, bias, d_a, d_b, d_a, m, n, k, a16.stride(), b_kn.stride(), _DENSE,
+                     _DENSE, False, 1, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Path choice
 # ----------------------------------------------------------------------------------------------------------
 
@@ -390,8 +817,8 @@ def gemm(
             HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn,
         )
     elif path == "triton_dequant":
-        _launch_gemm(a16, a16, b_kn, b_kn, out, bias, a.per_tensor_scale, b.per_tensor_scale, a.per_tensor_scale,
-                     m, n, k, a16.stride(), b_kn.stride(), _DENSE, _DENSE, b_transposed, 1, 1)
+        # Hopper: the TMA kernel; elsewhere (and under the interpreter) the pointer-load kernel. Same numerics.
+        gemm_dense(a16, b_kn, a.per_tensor_scale, b.per_tensor_scale, bias, out_dtype, out=out)
     else:
         raise ValueError(f"gemm: unknown path {path!r}; expected one of {GEMM_PATHS}")
     return out.reshape(*lead, n)
