@@ -26,9 +26,11 @@ import traceback
 
 import torch
 import triton
-from triton.testing import do_bench
 
 from fp4compile.codegen import gemm as cg
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import graph_ms  # noqa: E402
 
 C = cg.DenseConfig
 
@@ -81,20 +83,6 @@ def sweep_for(name: str) -> list:
 
 N_SETS = 3
 RESULTS: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def graph_ms(fn, rotate: int, rep: int) -> float:
-    """GPU time of one call: ``fn(0) .. fn(rotate - 1)`` captured in one CUDA graph, its replays timed (median)."""
-    for i in range(rotate):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(rotate):
-            fn(i)
-    ms = do_bench(graph.replay, warmup=max(10, rep // 4), rep=rep, return_mode="median")
-    del graph
-    return ms / rotate
 
 
 def operands(m, n, k, layout, seed):

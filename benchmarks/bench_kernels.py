@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import itertools
 import json
 import os
 import sys
@@ -23,7 +22,6 @@ import traceback
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench
 
 from fp4compile.codegen import gemm as cg
 from fp4compile.codegen import quantize as cq
@@ -31,13 +29,10 @@ from fp4compile.numerics.api import check_quantize_args
 from fp4compile.numerics.formats import NVFP4, Rounding
 from fp4compile.numerics.reference import quantize_reference
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import graph_ms, median_ms  # noqa: E402
+
 RESULTS: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
-def median_ms(fn, rotate: int = 1) -> float:
-    """Median time of one call of ``fn(i)``, i cycling over ``rotate`` input sets."""
-    counter = itertools.count()
-    return do_bench(lambda: fn(next(counter) % rotate), warmup=25, rep=200, return_mode="median")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -123,19 +118,6 @@ def load_module(path: str, name: str = "fp4compile.codegen._quantize_before"):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def graph_ms(fn, rotate: int) -> float:
-    """GPU time of one call: ``fn(0) .. fn(rotate - 1)`` captured in one CUDA graph and its replays timed, so that
-    host work between launches (Python, allocations) does not count (the training step replays graphs too)."""
-    for i in range(rotate):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(rotate):
-            fn(i)
-    return median_ms(lambda i: graph.replay()) / rotate
 
 
 def bench_quantize(rows: int, cols: int, tiles: bool, before=None) -> list[dict]:
@@ -321,6 +303,8 @@ def bench_gemm(shapes) -> list[dict]:
         paths = [p for p in ("cublas_dequant", "triton_dequant", "triton_packed") if row.get(p)]
         row["best_path"] = max(paths, key=lambda p: row[p])
         row["best_pct_of_bf16"] = 100 * row[row["best_path"]] / row["cublas_bf16"]
+        row["picked_path"] = cg.choose_gemm_path(m, n, k)
+        row["picked_pct_of_bf16"] = 100 * (row.get(row["picked_path"]) or 0.0) / row["cublas_bf16"]
         row["dot_scaled_mxfp4"] = None
         out.append(row)
         del sets
@@ -433,6 +417,7 @@ def main() -> None:
     parser.add_argument("--quantize-only", action="store_true", help="skip the GEMM part")
     parser.add_argument("--before", metavar="PATH", help="an earlier quantize.py to time side by side (e.g. "
                         "git show HEAD~1:fp4compile/codegen/quantize.py > /tmp/q.py)")
+    parser.add_argument("--gemm-only", action="store_true", help="skip the quantize part")
     parser.add_argument("--passes", action="store_true", help="only the amax and dequantize passes at GPT-2 shapes")
     parser.add_argument("--gemm-in-graph", action="store_true", help="only the GEMM as written into the graph")
     parser.add_argument("--autotune", action="store_true", help="with --gemm-in-graph: Inductor max-autotune too")
@@ -471,45 +456,51 @@ def main() -> None:
             with open(os.path.join(os.environ["OUT"], "bench_kernels.json"), "w") as f:
                 json.dump(RESULTS, f, indent=1, default=str)
         return
-    lines = check_quantize(x) + ([] if args.quantize_only else check_gemm(8192, 3072, 768))
-    print("\n".join(lines), flush=True)
-    RESULTS["correctness"] = lines
-    del x
+    if args.gemm_only:
+        del x
+        lines = check_gemm(8192, 3072, 768)
+        print("\n".join(lines), flush=True)
+        RESULTS["correctness"] = lines
+    else:
+        lines = check_quantize(x) + ([] if args.quantize_only else check_gemm(8192, 3072, 768))
+        print("\n".join(lines), flush=True)
+        RESULTS["correctness"] = lines
+        del x
 
-    RESULTS["copy_tbps"] = bench_copy()
-    print(f"device copy: {RESULTS['copy_tbps']:.2f} TB/s (read + write)", flush=True)
-    q = bench_quantize(8192, 8192, args.tiles, before)
-    RESULTS["quantize"] = q
-    print("\nquantize 8192x8192 bf16 (effective TB/s = minimal bytes / time; CUDA-graph GPU times: quant = amax "
-          "given, graph = amax + quant; full = amax + quant eagerly, host included)")
-    print(f"{'variant':24s} {'tile':>27s} {'quant us':>8s} {'TB/s':>5s} {'full us':>7s} {'graph us':>8s} {'TB/s':>5s} "
-          f"{'amax us':>7s}" + (f" | {'before: quant':>13s} {'full':>6s} {'graph':>6s} {'amax':>5s} | "
-                                 f"{'x quant':>7s} {'x graph':>7s}" if before else ""))
-    for r in q:
-        line = (f"{r['variant']:24s} {r['tile']:>27s} {1e3 * r['ms_quantize_pass']:8.1f} {r['tbps_quantize_pass']:5.2f} "
-                f"{1e3 * r['ms_amax_plus_quantize']:7.1f} {1e3 * r['ms_amax_plus_quantize_graph']:8.1f} "
-                f"{r['tbps_graph']:5.2f} {1e3 * r['ms_amax_pass']:7.1f}")
-        if before:
-            b = r["before"]
-            line += (f" | {1e3 * b['ms_quantize_pass']:13.1f} {1e3 * b['ms_amax_plus_quantize']:6.1f} "
-                     f"{1e3 * b['ms_amax_plus_quantize_graph']:6.1f} {1e3 * b['ms_amax_pass']:5.1f} | "
-                     f"{b['ms_quantize_pass'] / r['ms_quantize_pass']:7.2f} "
-                     f"{b['ms_amax_plus_quantize_graph'] / r['ms_amax_plus_quantize_graph']:7.2f}")
-        print(line, flush=True)
+        RESULTS["copy_tbps"] = bench_copy()
+        print(f"device copy: {RESULTS['copy_tbps']:.2f} TB/s (read + write)", flush=True)
+        q = bench_quantize(8192, 8192, args.tiles, before)
+        RESULTS["quantize"] = q
+        print("\nquantize 8192x8192 bf16 (effective TB/s = minimal bytes / time; CUDA-graph GPU times: quant = amax "
+              "given, graph = amax + quant; full = amax + quant eagerly, host included)")
+        print(f"{'variant':24s} {'tile':>27s} {'quant us':>8s} {'TB/s':>5s} {'full us':>7s} {'graph us':>8s} {'TB/s':>5s} "
+              f"{'amax us':>7s}" + (f" | {'before: quant':>13s} {'full':>6s} {'graph':>6s} {'amax':>5s} | "
+                                     f"{'x quant':>7s} {'x graph':>7s}" if before else ""))
+        for r in q:
+            line = (f"{r['variant']:24s} {r['tile']:>27s} {1e3 * r['ms_quantize_pass']:8.1f} {r['tbps_quantize_pass']:5.2f} "
+                    f"{1e3 * r['ms_amax_plus_quantize']:7.1f} {1e3 * r['ms_amax_plus_quantize_graph']:8.1f} "
+                    f"{r['tbps_graph']:5.2f} {1e3 * r['ms_amax_pass']:7.1f}")
+            if before:
+                b = r["before"]
+                line += (f" | {1e3 * b['ms_quantize_pass']:13.1f} {1e3 * b['ms_amax_plus_quantize']:6.1f} "
+                         f"{1e3 * b['ms_amax_plus_quantize_graph']:6.1f} {1e3 * b['ms_amax_pass']:5.1f} | "
+                         f"{b['ms_quantize_pass'] / r['ms_quantize_pass']:7.2f} "
+                         f"{b['ms_amax_plus_quantize_graph'] / r['ms_amax_plus_quantize_graph']:7.2f}")
+            print(line, flush=True)
 
-    for key, kern in (("quantize", cq._quantize_kernel), ("amax", cq._amax_kernel)):
-        try:
-            for caches in kern.device_caches.values():
-                for variant in caches[0].values():
-                    print(f"  compiled {key}: {variant.n_regs} registers, {variant.n_spills} spills, "
-                          f"{variant.metadata.num_warps} warps")
-        except Exception as exc:
-            print(f"  (no register report: {exc})")
-    if args.quantize_only:
-        if os.environ.get("OUT"):
-            with open(os.path.join(os.environ["OUT"], "bench_kernels.json"), "w") as f:
-                json.dump(RESULTS, f, indent=1, default=str)
-        return
+        for key, kern in (("quantize", cq._quantize_kernel), ("amax", cq._amax_kernel)):
+            try:
+                for caches in kern.device_caches.values():
+                    for variant in caches[0].values():
+                        print(f"  compiled {key}: {variant.n_regs} registers, {variant.n_spills} spills, "
+                              f"{variant.metadata.num_warps} warps")
+            except Exception as exc:
+                print(f"  (no register report: {exc})")
+        if args.quantize_only:
+            if os.environ.get("OUT"):
+                with open(os.path.join(os.environ["OUT"], "bench_kernels.json"), "w") as f:
+                    json.dump(RESULTS, f, indent=1, default=str)
+            return
     shapes = GEMM_SHAPES[:3] if args.quick else GEMM_SHAPES
     g = bench_gemm(shapes)
     for row in g:
@@ -518,7 +509,7 @@ def main() -> None:
     RESULTS["gemm"] = g
     print("\nGEMM TFLOP/s (operands already quantized; fused = quantize x inside the GEMM, amax given)")
     hdr = f"{'shape':11s} {'M':>5s} {'N':>5s} {'K':>5s} {'bf16':>6s} {'cublas_dq':>9s} {'triton_dq':>9s} " \
-          f"{'packed':>7s} {'fused':>6s} {'best':>15s} {'%bf16':>6s} {'dot_scaled':>10s}"
+          f"{'packed':>7s} {'fused':>6s} {'best':>15s} {'%bf16':>6s} {'picked':>15s} {'%bf16':>6s} {'dot_scaled':>10s}"
     print(hdr)
     fmt = lambda v: f"{v:.0f}" if isinstance(v, float) else "-"  # noqa: E731
     for r in g:
@@ -526,7 +517,8 @@ def main() -> None:
         ds_s = "-" if ds is None else (f"{ds['tflops']:.0f}" if "tflops" in ds else "error")
         print(f"{r['shape']:11s} {r['m']:5d} {r['n']:5d} {r['k']:5d} {fmt(r['cublas_bf16']):>6s} "
               f"{fmt(r.get('cublas_dequant')):>9s} {fmt(r.get('triton_dequant')):>9s} {fmt(r.get('triton_packed')):>7s} "
-              f"{fmt(r.get('triton_fused_quant')):>6s} {r['best_path']:>15s} {r['best_pct_of_bf16']:6.1f} {ds_s:>10s}")
+              f"{fmt(r.get('triton_fused_quant')):>6s} {r['best_path']:>15s} {r['best_pct_of_bf16']:6.1f} "
+              f"{r['picked_path']:>15s} {r['picked_pct_of_bf16']:6.1f} {ds_s:>10s}")
     for r in g:
         for key, val in r.items():
             if key.endswith("_error") or (key == "dot_scaled_mxfp4" and val and "error" in val):

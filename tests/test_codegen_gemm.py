@@ -159,6 +159,18 @@ def test_dequantized_operands_passed_in():
     assert torch.equal(c1, c2)
 
 
+def test_path_rule_on_sm90(monkeypatch):
+    # On sm_90+ (no native FP4): the fused-epilogue Triton GEMM unless the reduction is longer than both output
+    # sides (weight gradients), where cuBLAS's product was measured faster; CPU tensors never take either.
+    monkeypatch.setattr(cg, "_sm90_or_newer", lambda index: True)
+    monkeypatch.setattr(cg, "native_fp4_available", lambda index=0: False)
+    for m, n, k in ((8192, 2304, 768), (8192, 768, 3072), (8192, 8192, 8192)):
+        assert cg.choose_gemm_path(m, n, k, device="cuda") == "triton_dequant", (m, n, k)
+    for m, n, k in ((768, 3072, 8192), (2304, 768, 8192), (768, 768, 8192)):
+        assert cg.choose_gemm_path(m, n, k, device="cuda") == "cublas_dequant", (m, n, k)
+    assert cg.choose_gemm_path(8192, 2304, 768, device="cpu") == "cublas_dequant"
+
+
 def test_path_choice_and_fallbacks():
     assert cg.choose_gemm_path(8192, 768, 768) in cg.GEMM_PATHS
     assert cg.choose_gemm_path(64, 64, 64, fmt=fp4compile.MXFP4) == "reference"

@@ -702,14 +702,10 @@ def gemm_dense(
 # Path choice
 # ----------------------------------------------------------------------------------------------------------
 
-#: Measured on the H100 (benchmarks/bench_kernels.py, 2026-11-22, docs/benchmarks.md "Kernels (issue 5)"): the
-#: fastest path for operands already quantized, by (M, N, K). Everything else measured there, 8192^3 included,
-#: was fastest on "cublas_dequant", the default. Packed in-register dequantization and the fused quantize
-#: prologue lost everywhere (2-4x slower), so they are never chosen automatically.
-MEASURED_PATH_TABLE: dict[tuple[int, int, int], str] = {
-    (8192, 3072, 768): "triton_dequant",  # GPT-2 fc1 forward / fc2 input grad: 287 vs 259 TFLOP/s
-    (768, 3072, 8192): "triton_dequant",  # GPT-2 fc2 weight grad: 421 vs 348 TFLOP/s
-}
+#: Shapes (M, N, K) where a measurement overrides `choose_gemm_path`'s rule; empty: on the H100 the rule picked
+#: the faster path at every GPT-2-small training shape and at 8192^3 (benchmarks/bench_gemm_dense.py,
+#: 2026-11-23, docs/benchmarks.md "Kernels (issue 5)").
+MEASURED_PATH_TABLE: dict[tuple[int, int, int], str] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -735,7 +731,19 @@ def choose_gemm_path(m: int, n: int, k: int, fmt: Optional[Fp4Format] = None, de
         return "native_fp4"
     if (m, n, k) in MEASURED_PATH_TABLE:
         return MEASURED_PATH_TABLE[(m, n, k)]
+    # On sm_90+ the TMA GEMM with its epilogue fused (bf16 out) beats cuBLAS's fp32 product plus the epilogue's
+    # pass over C wherever the output is not small next to the reduction: 86-95% of cuBLAS bf16 at the forward
+    # and input-gradient shapes of GPT-2 small and at 8192^3. When K exceeds both output sides (the weight
+    # gradients: tokens are the reduction) cuBLAS's fp32 product is faster (639-650 vs 519-590 TFLOP/s) and the
+    # epilogue pass over the small C costs little.
+    if dev.type == "cuda" and _sm90_or_newer(dev.index) and k <= max(m, n):
+        return "triton_dequant"
     return "cublas_dequant"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_newer(device_index: Optional[int]) -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(device_index or 0)[0] >= 9
 
 
 # ----------------------------------------------------------------------------------------------------------

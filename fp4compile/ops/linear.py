@@ -93,8 +93,10 @@ def gemm_in_graph(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bo
     That is the ``cublas_dequant`` path of `fp4compile.codegen.gemm` with its epilogue left to Inductor, which
     fuses ``C * alpha + bias`` into the next elementwise kernel instead of a separate pass over C (the pass
     cost as much as the GEMM itself at K = 768 on the H100, docs/benchmarks.md). Taken on CUDA when both
-    exact operands were written by the quantize kernel and the GPU has no native FP4 GEMM; the
-    ``FP4COMPILE_GEMM_IN_GRAPH`` setting (`fp4compile.env`) forces it on or off.
+    exact operands were written by the quantize kernel and `choose_gemm_path` picks cuBLAS for the shape;
+    where it picks the Triton GEMM (on sm_90+, whose epilogue is fused in the kernel and whose output is
+    already bf16) or native FP4, the ``fp4compile::gemm`` op runs it. The ``FP4COMPILE_GEMM_IN_GRAPH``
+    setting (`fp4compile.env`) forces graph ops on or off.
     """
     if len(a) < 4 or len(b) < 4 or a[3].numel() == 0 or b[3].numel() == 0:
         return False
@@ -113,9 +115,7 @@ def gemm_in_graph(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bo
 
     m, k = a[3].shape
     n = b[3].shape[1] if b_transposed else b[3].shape[0]
-    # Any path but native FP4: `choose_gemm_path` prefers triton_dequant only where cuBLAS plus the separate
-    # epilogue pass measured slower; with the epilogue fused away cuBLAS is faster there too (docs/benchmarks.md).
-    return choose_gemm_path(m, n, k, precision.lhs.format, a[3].device) != "native_fp4"
+    return choose_gemm_path(m, n, k, precision.lhs.format, a[3].device) == "cublas_dequant"
 
 
 def _dense_gemm(a: tuple, b: tuple, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
