@@ -287,12 +287,15 @@ def bench_gemm(shapes) -> list[dict]:
             if path == "triton_fused_quant" and layout == "weight_grad":
                 continue  # both operands need the RHT along tokens: not a prologue quantization
             try:
+                # bf16 results, as the training step's GEMMs and the cuBLAS bf16 baseline write them.
                 if path == "triton_fused_quant":
                     fn = lambda i: cg.gemm_quantize_a(sets[i]["x"], sets[i]["qb"], sets[i]["bt"],
-                                                      b_dequantized=sets[i]["b16"], amax=sets[i]["amax"])
+                                                      out_dtype=torch.bfloat16, b_dequantized=sets[i]["b16"],
+                                                      amax=sets[i]["amax"])
                 else:
                     fn = lambda i, p=path: cg.gemm(sets[i]["qa"], sets[i]["qb"], sets[i]["bt"], path=p,
-                                                   a_dequantized=sets[i]["a16"], b_dequantized=sets[i]["b16"])
+                                                   out_dtype=torch.bfloat16, a_dequantized=sets[i]["a16"],
+                                                   b_dequantized=sets[i]["b16"])
                 fn(0)
                 torch.cuda.synchronize()
                 ms = graph_ms(fn, n_sets)
