@@ -62,17 +62,19 @@ def _quantize(x: torch.Tensor, op: OperandPrecision, label: str, with_dequantize
     return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device), label, with_dequantized, amax)
 
 
-def _shared_amaxes(x2: torch.Tensor, row_op: OperandPrecision, col_op: OperandPrecision,
-                   token_multiple: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The tensor amaxes of an activation's two quantizations from one read of it: ``(amax for row_op``, along
-    features, ``amax for col_op``, the weight-gradient operand along tokens, after the RHT where it has one).
+def _shared_amaxes(tokens_last: torch.Tensor, row_op: OperandPrecision,
+                   col_op: OperandPrecision) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The tensor amaxes of an activation's two quantizations from one read of ``tokens_last`` (its
+    ``(features, tokens)`` view, tokens zero-padded): ``(amax for row_op``, along features, ``amax for col_op``,
+    the weight-gradient operand along tokens, after the RHT where it has one). Zero padding leaves both maxima
+    unchanged.
 
     ``(None, None)`` (each quantization then takes its own amax) when the row-wise operand has a transform of its
-    own. Zero-padded token rows leave both maxima unchanged.
+    own.
     """
     if row_op.hadamard:
         return None, None
-    amaxes = torch.ops.fp4compile.amax(_pad_rows(x2, token_multiple).t(), col_op.hadamard)
+    amaxes = torch.ops.fp4compile.amax(tokens_last, col_op.hadamard)
     return amaxes[1], amaxes[0]
 
 
@@ -163,9 +165,11 @@ class Fp4LinearFunction(torch.autograd.Function):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         fwd, wgrad = cfg.forward, cfg.weight_grad
+        # x^T, the weight-gradient operand: (features, tokens), tokens zero-padded to the block multiple.
+        x_t = None if wgrad.is_high else _pad_rows(x2, _token_multiple(wgrad)).t()
         x_amax = xt_amax = None
-        if not fwd.is_high and not wgrad.is_high:
-            x_amax, xt_amax = _shared_amaxes(x2, fwd.lhs, wgrad.rhs, _token_multiple(wgrad))
+        if not fwd.is_high and x_t is not None:
+            x_amax, xt_amax = _shared_amaxes(x_t, fwd.lhs, wgrad.rhs)
         q_weight = None
         if fwd.is_high:
             y = F.linear(x2, weight, bias).to(out_dtype)
@@ -185,9 +189,8 @@ class Fp4LinearFunction(torch.autograd.Function):
         if wgrad.is_high:
             saved.append(x2)
         else:
-            padded = _pad_rows(x2, _token_multiple(wgrad))
             # x^T is saved packed (4.5 bits per element): the activation itself is not kept.
-            saved += list(_quantize(padded.t(), wgrad.rhs, f"{site}:weight_grad:rhs", amax=xt_amax))[:3]
+            saved += list(_quantize(x_t, wgrad.rhs, f"{site}:weight_grad:rhs", amax=xt_amax))[:3]
         ctx.save_for_backward(*saved)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -201,9 +204,11 @@ class Fp4LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, n)
         dx = dw = db = None
         dgrad, wgrad = cfg.input_grad, cfg.weight_grad
+        need_dw = ctx.needs_input_grad[1] and not wgrad.is_high
+        dy_t = _pad_rows(dy2, _token_multiple(wgrad)).t() if need_dw else None
         dy_amax = dyt_amax = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and not dgrad.is_high and not wgrad.is_high:
-            dy_amax, dyt_amax = _shared_amaxes(dy2, dgrad.lhs, wgrad.lhs, _token_multiple(wgrad))
+        if ctx.needs_input_grad[0] and not dgrad.is_high and need_dw:
+            dy_amax, dyt_amax = _shared_amaxes(dy_t, dgrad.lhs, wgrad.lhs)
 
         if ctx.needs_input_grad[0]:
             if dgrad.is_high:
@@ -221,8 +226,7 @@ class Fp4LinearFunction(torch.autograd.Function):
             if wgrad.is_high:
                 dw = (dy2.t() @ act_parts[0].to(dy2.dtype)).to(ctx.weight_dtype)
             else:
-                q_dyt = _quantize(_pad_rows(dy2, _token_multiple(wgrad)).t(), wgrad.lhs, f"{ctx.site}:weight_grad:lhs",
-                                  with_dequantized=True, amax=dyt_amax)
+                q_dyt = _quantize(dy_t, wgrad.lhs, f"{ctx.site}:weight_grad:lhs", with_dequantized=True, amax=dyt_amax)
                 dw = _gemm(q_dyt, act_parts, wgrad, False, None, ctx.weight_dtype)
 
         if ctx.has_bias and ctx.needs_input_grad[2]:
