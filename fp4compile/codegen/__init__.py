@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["triton_available"]
+__all__ = ["triton_available", "runs_on_triton"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -22,3 +22,9 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def runs_on_triton(t) -> bool:
+    """Whether the Triton kernels handle tensor ``t``: a CUDA tensor, with `triton_available`. The reference
+    implementations take everything else."""
+    return t.is_cuda and triton_available()

@@ -51,6 +51,7 @@ from .quantize import (
     _e4m3_value,
     _amax_bits,
     _as_2d_view,
+    _cuda_sm_count,
     _interpreting,
     _scale_kind,
     dequantize_unscaled_triton,
@@ -171,6 +172,15 @@ def _load_b(b_ptr, sb_ptr, n0, k0, N, K, stride_bk, stride_bn, MODE: tl.constexp
 
 
 @triton.jit
+def _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row tiles walk the column tiles together (their B columns stay in L2)."""
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % width) % rows, (tile % width) // rows
+
+
+@triton.jit
 def _gemm_kernel(
     a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, bias_ptr, da_ptr, db_ptr, amax_a_ptr,
     M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
@@ -182,14 +192,7 @@ def _gemm_kernel(
 
     Grouped launch order (GROUP_M row tiles share the B columns in L2), as in the Triton matmul tutorial.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    pid_m, pid_n = _tile_mn(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
@@ -299,15 +302,6 @@ def _launch_gemm(a_arg, sa, b_arg, sb, out, bias, d_a, d_b, amax_a, m, n, k, a_s
 # only on units that never wait, so they cannot deadlock while all NUM_PROGS programs are resident (NUM_PROGS is
 # at most the number of SMs and one program fits on an SM).
 # Epilogue in the reference's order for all: (acc * (D_a * D_b)) rounded to FP32, + bias in FP32, the cast.
-
-
-@triton.jit
-def _tile_mn(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Grouped order: GROUP_M row tiles walk the column tiles together (their B columns stay in L2)."""
-    width = GROUP_M * num_pid_n
-    first_m = (tile // width) * GROUP_M
-    rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    return first_m + (tile % width) % rows, (tile % width) // rows
 
 
 @triton.jit
@@ -581,7 +575,7 @@ def dense_tma_supported(a16: torch.Tensor, b_kn: torch.Tensor, out_dtype: torch.
     """Whether `gemm_dense` takes the TMA kernel: a CUDA device of compute capability 9.0 or newer (not the
     interpreter), fp16/bf16 operands of one dtype, A row-major and B stored row-major as (K, N) or (N, K), all
     16-byte aligned, and an output row of whole 16-byte units."""
-    if _interpreting() or not a16.is_cuda or torch.cuda.get_device_capability(a16.device)[0] < 9:
+    if _interpreting() or not a16.is_cuda or not _sm90_or_newer(a16.device.index):
         return False
     if a16.dtype not in _GL_DTYPES or b_kn.dtype != a16.dtype or out_dtype not in (*_GL_DTYPES, torch.float32):
         return False
@@ -608,11 +602,6 @@ def _tile_flags(device: torch.device, count: int) -> torch.Tensor:
     return flags
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _launch_dense_tma(a16, b_kn, out, bias, d_a, d_b, cfg: DenseConfig, num_progs: Optional[int] = None) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -629,7 +618,7 @@ def _launch_dense_tma(a16, b_kn, out, bias, d_a, d_b, cfg: DenseConfig, num_prog
     c_desc = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm, bn // 2 if cfg.epi_split else bn])
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if num_progs is None:
-        num_progs = _num_sms(out.device.index or 0) if out.is_cuda else 4
+        num_progs = _cuda_sm_count(out.device.index) if out.is_cuda else 4
     schedule, split, dp_tiles, k_head, slots = _schedule_args(cfg, tiles, triton.cdiv(k, bk), num_progs)
     if schedule:
         ws = torch.empty(slots * bm * bn, dtype=torch.float32, device=out.device)
@@ -689,7 +678,7 @@ def gemm_dense(
         bias = bias.contiguous()
     if _force_tma or dense_tma_supported(a16, b_kn, out_dtype):
         if config is None:
-            num = _num_sms(a16.device.index or 0) if a16.is_cuda else 4
+            num = _cuda_sm_count(a16.device.index) if a16.is_cuda else 4
             config = _fit_output(_default_dense_config(m, n, k, _tma_ok(b_kn), num), out_dtype)
         _launch_dense_tma(a16, b_kn, out, bias, d_a, d_b, config, _num_progs)
     else:

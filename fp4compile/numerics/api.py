@@ -99,9 +99,9 @@ def _pick_implementation(impl: str, x: torch.Tensor) -> str:
         raise ValueError(f"quantize: impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl != "auto":
         return impl
-    from ..codegen import triton_available
+    from ..codegen import runs_on_triton
 
-    return "triton" if x.is_cuda and triton_available() else "reference"
+    return "triton" if runs_on_triton(x) else "reference"
 
 
 def quantize(

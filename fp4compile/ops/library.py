@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..codegen import runs_on_triton
 from ..numerics.api import check_quantize_args
 from ..numerics.gemm import gemm_reference
 from ..numerics.qtensor import QuantizedTensor
@@ -59,15 +60,12 @@ def _quantize_impl(x: torch.Tensor, op: OperandPrecision, seed, amax: Optional[t
     CUDA): the Triton kernels on CUDA, the reference quantizer elsewhere. ``amax``: the tensor amax if known."""
     args = check_quantize_args(x, op.format, op.block, op.rounding, op.hadamard)
     operand_dtype = dequantized_dtype(op) if with_dequantized else None
-    if x.is_cuda:
-        from ..codegen import triton_available
+    if runs_on_triton(x):
+        from ..codegen.quantize import quantize_triton
 
-        if triton_available():
-            from ..codegen.quantize import quantize_triton
-
-            out = quantize_triton(x, args.format, args.block, args.rounding, seed, 0, args.hadamard,
-                                  dequantized_dtype=operand_dtype, amax=amax)
-            return out if with_dequantized else (out, None)
+        out = quantize_triton(x, args.format, args.block, args.rounding, seed, 0, args.hadamard,
+                              dequantized_dtype=operand_dtype, amax=amax)
+        return out if with_dequantized else (out, None)
     qt = quantize_reference(x, args.format, args.block, args.rounding, seed, 0, args.hadamard, amax=amax)
     if not with_dequantized:
         return qt, None
@@ -115,13 +113,10 @@ def tensor_amaxes(x: torch.Tensor, hadamard: bool) -> torch.Tensor:
     (2,), from one read of ``x`` on CUDA: the tensor amaxes of an activation's two quantizations (row-wise for
     its forward or input-gradient GEMM, through the RHT along tokens for the weight gradient; ``x`` is then the
     ``(features, tokens)`` view), passed to ``fp4compile::quantize`` as ``amax``."""
-    if x.is_cuda:
-        from ..codegen import triton_available
+    if runs_on_triton(x):
+        from ..codegen.quantize import tensor_amaxes_triton
 
-        if triton_available():
-            from ..codegen.quantize import tensor_amaxes_triton
-
-            return tensor_amaxes_triton(x, hadamard)
+        return tensor_amaxes_triton(x, hadamard)
     return tensor_amaxes_reference(x, hadamard)
 
 
@@ -141,14 +136,11 @@ def to_quantized_tensor(data: torch.Tensor, scale: torch.Tensor, tensor_scale: t
 
 def _gemm_impl(a: QuantizedTensor, b: QuantizedTensor, b_transposed: bool, bias, out_dtype,
                a_dequantized: Optional[torch.Tensor], b_dequantized: Optional[torch.Tensor]) -> torch.Tensor:
-    if a.qdata.is_cuda:
-        from ..codegen import triton_available
+    if runs_on_triton(a.qdata):
+        from ..codegen.gemm import gemm as gemm_triton
 
-        if triton_available():
-            from ..codegen.gemm import gemm as gemm_triton
-
-            return gemm_triton(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype,
-                               a_dequantized=_nonempty(a_dequantized), b_dequantized=_nonempty(b_dequantized))
+        return gemm_triton(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype,
+                           a_dequantized=_nonempty(a_dequantized), b_dequantized=_nonempty(b_dequantized))
     return gemm_reference(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype)
 
 

@@ -107,11 +107,9 @@ def gemm_in_graph(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bo
     forced = env.gemm_in_graph()
     if forced is not None:
         return forced
-    if not a[3].is_cuda:
-        return False
-    from ..codegen import triton_available
+    from ..codegen import runs_on_triton
 
-    if not triton_available():
+    if not runs_on_triton(a[3]):
         return False
     from ..codegen.gemm import choose_gemm_path
 
