@@ -310,7 +310,7 @@ def bench_gemm(shapes) -> list[dict]:
         row["picked_pct_of_bf16"] = 100 * (row.get(row["picked_path"]) or 0.0) / row["cublas_bf16"]
         row["dot_scaled_mxfp4"] = None
         out.append(row)
-        del sets
+        sets = None  # free this shape's operands (the lambdas' cell too) before emptying the cache
         torch.cuda.empty_cache()
     return out
 
@@ -374,7 +374,7 @@ def bench_operand_passes(tiles: bool, before=None) -> list[dict]:
             row["quantize"][name] = dict(us=1e3 * sweep[best], tile=best, tbps=nbytes / sweep[best] / 1e9,
                                          us_default=1e3 * sweep["None"])
         out.append(row)
-        del xs, qts
+        xs = qts = None  # free this shape's tensors (the lambdas' cells too)
     return out
 
 

@@ -119,7 +119,7 @@ def _run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) 
     result = dict(model=model_name, mode=mode, step_ms=ms, step_ms_min=min(times), step_ms_max=max(times),
                   tokens_per_s=batch * seq / (ms / 1e3), peak_gib=peak, compile_s=compile_s,
                   final_loss=float(loss), finite=bool(torch.isfinite(loss)))
-    del model, step_model, opt, inputs
+    model = step_model = opt = inputs = None  # free them (step's cells too) before the caches are reset
     torch._dynamo.reset()
     from torch._inductor import cudagraph_trees
 

@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import torch.fx as fx
 
 from .. import env
@@ -78,7 +79,7 @@ class Fp4Backend:
     def __init__(self, policy: Optional[Policy] = None, inner: Optional[str] = None,
                  step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
                  verify: Optional[bool] = None, cudagraphs: bool = False,
-                 model: "Optional[torch.nn.Module]" = None) -> None:
+                 model: Optional[torch.nn.Module] = None) -> None:
         self.policy = policy if policy is not None else _default_policy()
         if not callable(getattr(self.policy, "decide", None)):
             raise TypeError(f"policy must have a decide(site, role) method, got {type(self.policy).__name__}")
@@ -209,7 +210,7 @@ _REGISTRY: dict[tuple, Fp4Backend] = {}
 def backend(policy: Optional[Policy] = None, inner: Optional[str] = None,
             step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
             verify: Optional[bool] = None, cudagraphs: bool = False,
-            model: "Optional[torch.nn.Module]" = None) -> Fp4Backend:
+            model: Optional[torch.nn.Module] = None) -> Fp4Backend:
     """The `Fp4Backend` for this configuration (the same instance for the same configuration and model)."""
     candidate = Fp4Backend(policy, inner, step_counter, dump_dir, verify, cudagraphs, model)
     key = candidate._key() + (candidate.verify,)

@@ -67,7 +67,7 @@ def check_quantize_args(
             f"quantize: x must be float32, bfloat16 or float16, got a {x.dtype} tensor of shape {tuple(x.shape)}"
         )
     if x.dim() < 1:
-        raise ValueError(f"quantize: x must have at least one dimension, got a 0-dim tensor")
+        raise ValueError("quantize: x must have at least one dimension, got a 0-dim tensor")
     fmt = resolve_format(format)
     rnd = _parse_rounding(rounding)
     blk = _parse_block(block, fmt)
