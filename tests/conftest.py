@@ -12,6 +12,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("markexpr", "") == "gpu":
+        # Asked for the GPU tests alone (docs/testing.md): without a GPU (or without Triton, when the tests would
+        # compare the reference with itself) that is an error, not a run of skips that reads as a pass.
+        from fp4compile.codegen import triton_available
+
+        if not triton_available():
+            raise pytest.UsageError(
+                f"pytest -m gpu needs a CUDA device and Triton: torch {torch.__version__}, "
+                f"torch.cuda.is_available() = {torch.cuda.is_available()}"
+            )
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
