@@ -5,7 +5,7 @@ The other end-to-end tests compare the backend with `fp4compile.testing`'s modul
 reference quantizer and GEMM: a shared oracle, blind to a bug in both (a GEMM that drops its ``D_a * D_b``,
 say). Here the oracle is plain PyTorch in float32, which shares nothing with the quantized path.
 
-The bound (docs/numerics.md, "Quantization" and "GEMM"). One quantization of a standard normal tensor with 1x16
+The bound (docs/numerics.md, "Quantizing" and "GEMM"). One quantization of a standard normal tensor with 1x16
 blocks has an SQNR of 20.4 dB with round-to-nearest and 17.2 dB with stochastic rounding in NVFP4, 18.8 and
 16.0 dB in MXFP4 (E2M1 elements; measured with `fp4compile.quantize` on a 1024x1024 normal tensor; the
 16-point Hadamard transform leaves them unchanged). A GEMM of two quantized operands adds both errors; if every
