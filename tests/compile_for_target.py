@@ -11,8 +11,9 @@ tensor subclass), the SM count is a B200's, and ``JITFunction.run`` records each
 Each distinct launch is then compiled with ``triton.compile`` for ``GPUTarget("cuda", ARCH, 32)`` down to PTX
 and cubin.
 
-The first line is the probe: a two-line kernel compiled the same way. If it fails, this Triton cannot compile
-for the target here (the test skips); any later failure is an error in a kernel of the route.
+The first line is the probe: a small kernel with a pointer and a tensor descriptor, compiled the same way. If it
+fails, this Triton cannot compile for the target here or has another compiler API (the test skips); any later
+failure is an error in a kernel of the route.
 """
 
 from __future__ import annotations
@@ -152,9 +153,23 @@ def blackwell_route() -> None:
 
 
 @triton.jit
-def _probe_kernel(x_ptr, n, BLOCK: tl.constexpr):
+def _probe_kernel(x_ptr, desc, n, BLOCK: tl.constexpr):
+    """A pointer load and store and a tensor-descriptor (TMA) load and store: the compiler API the route needs."""
     offs = tl.arange(0, BLOCK)
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+    desc.store([0, 0], desc.load([0, 0]) + 1)
+
+
+def _probe(target: GPUTarget) -> dict:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        tile = torch.empty((16, 16), dtype=torch.float16)
+        desc = TensorDescriptor(tile, [16, 16], [16, 1], [16, 16])
+        launch = record_launches(lambda: _probe_kernel[(1,)](torch.empty(16), desc, 16, BLOCK=16))[0]
+    except Exception as exc:
+        return dict(kernel="probe", ok=False, error=f"{type(exc).__name__}: {exc}")
+    return _result("probe", launch, target)
 
 
 def _result(name: str, launch: Launch, target: GPUTarget) -> dict:
@@ -170,8 +185,10 @@ def _result(name: str, launch: Launch, target: GPUTarget) -> dict:
 
 def main(arch: int = 100) -> None:
     target = GPUTarget("cuda", arch, 32)
-    probe = record_launches(lambda: _probe_kernel[(1,)](torch.empty(16), 16, BLOCK=16))[0]
-    print(json.dumps(dict(_result("probe", probe, target), triton=triton.__version__)), flush=True)
+    probe = _probe(target)
+    print(json.dumps(dict(probe, triton=triton.__version__)), flush=True)
+    if not probe["ok"]:
+        return
     seen = set()
     for launch in record_launches(blackwell_route):
         if launch.key() not in seen:
