@@ -266,7 +266,8 @@ def _philox_tile_words(seed, offset, rows, col0, K, zero, BLOCK_R: tl.constexpr,
     One Philox call per 16 elements, in the thread that holds them. ``zero``: a (BLOCK_R, NB_K) int32 tensor of
     zeros reduced from the tile (so in its layout, per block in the thread of the block), added to the counters so
     that Triton lays the Philox rounds out where the words are used instead of moving the words through shared
-    memory; the compiler proves it zero and drops the add. Blocks of 8 (NCH == 1) take one call per chunk of 8,
+    memory; LLVM proves it zero (bit 31 of |x| bits is clear) and drops the add. Blocks of 8 (NCH == 1) take one
+    call per chunk of 8,
     since a 16-element group may straddle two rows (K % 16 == 8) or two threads.
     """
     h = tl.arange(0, NCH)[None, None, :, None]
