@@ -1,6 +1,7 @@
 """Issue 5 kernels on the GPU: correctness first, then quantize bandwidth and GEMM TFLOP/s side by side.
 
     PYTHONPATH=. python3 benchmarks/bench_kernels.py [--quick] [--tiles] [--quantize-only] [--before OLD_QUANTIZE_PY]
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py --sr [--before OLD_QUANTIZE_PY]   # SR beside its RTN twins
 
 Timings: triton.testing.do_bench (CUDA events, median) of CUDA-graph replays (GPU time: the host's Python and
 launch work, over 100 us a quantize call, would otherwise hide fast kernels; the training step replays graphs
@@ -39,9 +40,10 @@ RESULTS: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
 # Correctness
 # ---------------------------------------------------------------------------------------------------------
 
-def check_quantize(x: torch.Tensor) -> list[str]:
-    """Bit-exactness of every variant against the reference (on the GPU) at full size: codes, scale bytes and
-    tensor scale from the whole call (amax kernel included), and the exact fp16 operand where one is written."""
+def check_quantize(x: torch.Tensor, only: "tuple[str, ...] | None" = None) -> list[str]:
+    """Bit-exactness of every variant (or those named in ``only``) against the reference (on the GPU) at full size:
+    codes, scale bytes and tensor scale from the whole call (amax kernel included), and the exact fp16 operand where
+    one is written."""
     lines = []
     seed_t = torch.tensor(42, device=x.device)
     cases = {
@@ -61,6 +63,8 @@ def check_quantize(x: torch.Tensor) -> list[str]:
                                           format="mxfp4", deq=torch.float32),
     }
     for name, c in cases.items():
+        if only is not None and name not in only:
+            continue
         a = check_quantize_args(c["view"], c.get("format", "nvfp4"), c["block"], c["rounding"], c["hadamard"])
         args = (c["view"], a.format, a.block, a.rounding, c.get("seed", 42), 1000, a.hadamard)
         ref = quantize_reference(*args)
@@ -102,8 +106,8 @@ def check_gemm(m: int, n: int, k: int) -> list[str]:
 #: Tile candidates of the --tiles sweep (the first ones are the defaults). Quantize: (BLOCK_R, BLOCK_K, num_warps,
 #: ROW_VEC); amax: (BLOCK_R, BLOCK_K, num_warps, ROW_VEC, programs per SM); for row-major and for column-wise
 #: (``x.t()``) reads.
-QUANT_TILES = {"rows": [(16, 256, 4, 8), (8, 256, 4, 8), (32, 128, 4, 8)],
-               "columns": [(64, 64, 4, 2), (128, 64, 4, 4), (64, 128, 4, 2)]}
+QUANT_TILES = {"rows": [(16, 256, 4, 8), (8, 256, 4, 8), (32, 128, 4, 8), (16, 256, 8, 8)],
+               "columns": [(64, 64, 4, 2), (128, 64, 4, 4), (64, 128, 4, 2), (64, 128, 8, 2)]}
 AMAX_TILES = {"rows": [(16, 256, 4, 8, 16), (32, 256, 8, 8, 4), (32, 256, 4, 8, 8)],
               "columns": [(128, 64, 4, 4, 4), (64, 64, 4, 2, 8)]}
 #: The tiles the previous kernels (--before) were measured with: their best of the earlier sweep.
@@ -120,7 +124,13 @@ def load_module(path: str, name: str = "fp4compile.codegen._quantize_before"):
     return module
 
 
-def bench_quantize(rows: int, cols: int, tiles: bool, before=None) -> list[dict]:
+#: The stochastic-rounding variants and their round-to-nearest twins (``--sr``), and the correctness cases run first.
+SR_TWINS = (("SR 1x16", "RTN 1x16"), ("Hadamard+colwise SR", "Hadamard+colwise RTN"))
+SR_CHECKS = ("rtn_1x16", "sr_1x16", "sr_hadamard_colwise", "rtn_hadamard_colwise", "sr_1x16_fp16_operand",
+             "sr_2d_16x16_seed_tensor", "mxfp4_sr_hadamard_colwise")
+
+
+def bench_quantize(rows: int, cols: int, tiles: bool, before=None, only: "tuple[str, ...] | None" = None) -> list[dict]:
     n_sets = 3
     xs = [torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) for _ in range(n_sets)]
     amaxes = [x.float().abs().max() for x in xs]
@@ -142,6 +152,8 @@ def bench_quantize(rows: int, cols: int, tiles: bool, before=None) -> list[dict]
     out = []
     amax_cache: dict = {}
     for name, v in variants.items():
+        if only is not None and name not in only:
+            continue
         kind = "columns" if v["had"] else "rows"
         nbytes = base_bytes
         if "scale_bytes" in v:
@@ -413,6 +425,36 @@ def bench_gemm_in_graph(shapes, autotune: bool) -> list[dict]:
     return out
 
 
+def print_quantize_table(q: list[dict], with_before: bool) -> None:
+    print("\nquantize 8192x8192 bf16 (effective TB/s = minimal bytes / time; CUDA-graph GPU times: quant = amax "
+          "given, graph = amax + quant; full = amax + quant eagerly, host included)")
+    print(f"{'variant':24s} {'tile':>27s} {'quant us':>8s} {'TB/s':>5s} {'full us':>7s} {'graph us':>8s} {'TB/s':>5s} "
+          f"{'amax us':>7s}" + (f" | {'before: quant':>13s} {'full':>6s} {'graph':>6s} {'amax':>5s} | "
+                                 f"{'x quant':>7s} {'x graph':>7s}" if with_before else ""))
+    for r in q:
+        line = (f"{r['variant']:24s} {r['tile']:>27s} {1e3 * r['ms_quantize_pass']:8.1f} {r['tbps_quantize_pass']:5.2f} "
+                f"{1e3 * r['ms_amax_plus_quantize']:7.1f} {1e3 * r['ms_amax_plus_quantize_graph']:8.1f} "
+                f"{r['tbps_graph']:5.2f} {1e3 * r['ms_amax_pass']:7.1f}")
+        if with_before:
+            b = r["before"]
+            line += (f" | {1e3 * b['ms_quantize_pass']:13.1f} {1e3 * b['ms_amax_plus_quantize']:6.1f} "
+                     f"{1e3 * b['ms_amax_plus_quantize_graph']:6.1f} {1e3 * b['ms_amax_pass']:5.1f} | "
+                     f"{b['ms_quantize_pass'] / r['ms_quantize_pass']:7.2f} "
+                     f"{b['ms_amax_plus_quantize_graph'] / r['ms_amax_plus_quantize_graph']:7.2f}")
+        print(line, flush=True)
+
+
+def print_register_report() -> None:
+    for key, kern in (("quantize", cq._quantize_kernel), ("amax", cq._amax_kernel)):
+        try:
+            for caches in kern.device_caches.values():
+                for variant in caches[0].values():
+                    print(f"  compiled {key}: {variant.n_regs} registers, {variant.n_spills} spills, "
+                          f"{variant.metadata.num_warps} warps")
+        except Exception as exc:
+            print(f"  (no register report: {exc})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer GEMM shapes")
@@ -424,6 +466,8 @@ def main() -> None:
     parser.add_argument("--passes", action="store_true", help="only the amax and dequantize passes at GPT-2 shapes")
     parser.add_argument("--gemm-in-graph", action="store_true", help="only the GEMM as written into the graph")
     parser.add_argument("--autotune", action="store_true", help="with --gemm-in-graph: Inductor max-autotune too")
+    parser.add_argument("--sr", action="store_true", help="only stochastic rounding beside its round-to-nearest "
+                        "twins (1x16, Hadamard + column-wise), checked first, and copy bandwidth")
     args = parser.parse_args()
     before = load_module(args.before) if args.before else None
     torch.manual_seed(0)
@@ -437,6 +481,36 @@ def main() -> None:
     x[6, :32] = -0.0  # negative zeros keep code 0
     x[7, :32] = -1e-38  # tiny values next to the outlier's tensor scale: subnormal or zero block scales
     x[4000:4016, 16:32] = 1e-3  # a 16x16 tile of one value below the tensor's other blocks
+    if args.sr:
+        lines = check_quantize(x, only=SR_CHECKS)
+        print("\n".join(lines), flush=True)
+        RESULTS["correctness"] = lines
+        del x
+        RESULTS["copy_tbps"] = bench_copy()
+        print(f"device copy: {RESULTS['copy_tbps']:.2f} TB/s (read + write)", flush=True)
+        q = bench_quantize(8192, 8192, args.tiles, before, only=tuple(n for pair in SR_TWINS for n in pair))
+        RESULTS["quantize"] = q
+        print_quantize_table(q, before is not None)
+        by_name = {r["variant"]: r for r in q}
+        RESULTS["sr_over_rtn"] = {}
+        print("\nstochastic rounding against its round-to-nearest twin (time ratios, same run)")
+        for sr, rtn in SR_TWINS:
+            a, b = by_name[sr], by_name[rtn]
+            ratios = dict(quantize_pass=a["ms_quantize_pass"] / b["ms_quantize_pass"],
+                          quantize_pass_default_tiles=a["quantize_sweep"]["None"] / b["quantize_sweep"]["None"],
+                          amax_plus_quantize_graph=a["ms_amax_plus_quantize_graph"] / b["ms_amax_plus_quantize_graph"])
+            if before is not None:
+                ratios["before_quantize_pass"] = a["before"]["ms_quantize_pass"] / b["before"]["ms_quantize_pass"]
+            RESULTS["sr_over_rtn"][sr] = ratios
+            print(f"  {sr:22s} / {rtn:22s}: quantize pass {ratios['quantize_pass']:.3f}x (tiles {a['tile']} / "
+                  f"{b['tile']}; default tiles {ratios['quantize_pass_default_tiles']:.3f}x), amax + quantize "
+                  f"{ratios['amax_plus_quantize_graph']:.3f}x"
+                  + (f" (before: quantize pass {ratios['before_quantize_pass']:.3f}x)" if before else ""), flush=True)
+        print_register_report()
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], "bench_kernels.json"), "w") as f:
+                json.dump(RESULTS, f, indent=1, default=str)
+        return
     if args.passes or args.gemm_in_graph:
         del x
         if args.passes:
@@ -474,31 +548,8 @@ def main() -> None:
         print(f"device copy: {RESULTS['copy_tbps']:.2f} TB/s (read + write)", flush=True)
         q = bench_quantize(8192, 8192, args.tiles, before)
         RESULTS["quantize"] = q
-        print("\nquantize 8192x8192 bf16 (effective TB/s = minimal bytes / time; CUDA-graph GPU times: quant = amax "
-              "given, graph = amax + quant; full = amax + quant eagerly, host included)")
-        print(f"{'variant':24s} {'tile':>27s} {'quant us':>8s} {'TB/s':>5s} {'full us':>7s} {'graph us':>8s} {'TB/s':>5s} "
-              f"{'amax us':>7s}" + (f" | {'before: quant':>13s} {'full':>6s} {'graph':>6s} {'amax':>5s} | "
-                                     f"{'x quant':>7s} {'x graph':>7s}" if before else ""))
-        for r in q:
-            line = (f"{r['variant']:24s} {r['tile']:>27s} {1e3 * r['ms_quantize_pass']:8.1f} {r['tbps_quantize_pass']:5.2f} "
-                    f"{1e3 * r['ms_amax_plus_quantize']:7.1f} {1e3 * r['ms_amax_plus_quantize_graph']:8.1f} "
-                    f"{r['tbps_graph']:5.2f} {1e3 * r['ms_amax_pass']:7.1f}")
-            if before:
-                b = r["before"]
-                line += (f" | {1e3 * b['ms_quantize_pass']:13.1f} {1e3 * b['ms_amax_plus_quantize']:6.1f} "
-                         f"{1e3 * b['ms_amax_plus_quantize_graph']:6.1f} {1e3 * b['ms_amax_pass']:5.1f} | "
-                         f"{b['ms_quantize_pass'] / r['ms_quantize_pass']:7.2f} "
-                         f"{b['ms_amax_plus_quantize_graph'] / r['ms_amax_plus_quantize_graph']:7.2f}")
-            print(line, flush=True)
-
-        for key, kern in (("quantize", cq._quantize_kernel), ("amax", cq._amax_kernel)):
-            try:
-                for caches in kern.device_caches.values():
-                    for variant in caches[0].values():
-                        print(f"  compiled {key}: {variant.n_regs} registers, {variant.n_spills} spills, "
-                              f"{variant.metadata.num_warps} warps")
-            except Exception as exc:
-                print(f"  (no register report: {exc})")
+        print_quantize_table(q, before is not None)
+        print_register_report()
         if args.quantize_only:
             if os.environ.get("OUT"):
                 with open(os.path.join(os.environ["OUT"], "bench_kernels.json"), "w") as f:

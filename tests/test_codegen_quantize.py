@@ -252,6 +252,36 @@ def test_stochastic_bit_exact_partial_tiles_and_strides():
     _check(torch.randn(80, 48).t(), rounding="stochastic", seed=2, offset=0)
 
 
+@pytest.mark.parametrize("shape", [(5, 24), (7, 40), (33, 8)])
+def test_stochastic_blocks_of_8_straddling_rows(shape):
+    # K % 16 == 8: a Philox call's 16 elements span two rows, so the kernel draws per chunk of 8 (counter and half).
+    _check(torch.randn(shape) * 3, block=(1, 8), rounding="stochastic", seed=21, offset=3)
+
+
+@pytest.mark.parametrize("block", [(1, 32), (1, 64), (32, 32)])
+def test_stochastic_several_counters_per_block(block):
+    # Blocks wider than 16 hold several 16-element groups, each with its own counter.
+    _check(torch.randn(64, 192) * torch.logspace(-1, 1, 192), block=block, rounding="stochastic", seed=8, offset=99)
+
+
+def test_stochastic_tiny_and_signed_zero_values():
+    # Magnitudes far below a grid step (down to fp32 subnormals once scaled) truncate to t = 0 and round to 0, with
+    # their sign; -0.0 and 0.0 give code 0. Exact small magnitudes next to 1/512 steps test the truncation itself.
+    x = torch.zeros(8, 48)
+    x[:, 0] = 1.0
+    x[:, 1:16] = torch.tensor([1e-36, -1e-36, 1e-40, -1e-42, 3e-35, 1e-30, 1e-20, 2.0**-126, 2.0**-112, 2.0**-113,
+                               1e-45, -0.0, 0.0, 1e-38, -5e-39])
+    x[:, 16], x[:, 32] = 6.0, 2688.0  # the second block at unit scale (S = 1, d_b = 1): its values reach E2M1 as is
+    x[:, 17:32] = torch.tensor([2.0**-9, 2.0**-9 - 2.0**-30, 2.0**-9 + 2.0**-30, 1 - 2.0**-24, 0.5 - 2.0**-25, 0.5,
+                                1.0 + 2.0**-9 - 2.0**-22, 2 - 2.0**-22, 4 - 2.0**-21, 6 - 2.0**-21, -2.0**-10,
+                                3 * 2.0**-10, -(255 * 2.0**-9), 255.5 * 2.0**-9, 5.0])
+    tri = _check(x, rounding="stochastic", seed=4, offset=0)
+    codes = tri.codes().cpu()
+    assert (codes[:, 1:16] & 7 == 0).all()
+    assert (codes[:, [1, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]] == 0).all() and (codes[:, [2, 4, 15]] == 8).all()
+    assert tri.scale.float()[:, 1].eq(1.0).all() and codes[:, 18].eq(0).all()  # t = 0 just below 1/512
+
+
 def _scaled_values(x, qt):
     d = qt.block_scales().cpu() * qt.per_tensor_scale.cpu()
     e = torch.clamp(torch.ones_like(d) / d, max=torch.finfo(torch.float32).max)
@@ -272,7 +302,8 @@ def test_stochastic_statistics():
     lo, hi = grid[idx], grid[torch.clamp(idx + 1, max=7)]
     ok = ((q.abs() == lo) | (q.abs() == hi)) & ((q == 0) | (torch.sign(q) == torch.sign(v)))
     assert ok.all()
-    # The mean converges to the input (unbiased) and beats round to nearest; error falls like 1/sqrt(draws).
+    # The mean converges (to within 1/256 of a grid step of the input) and beats round to nearest; its error falls
+    # like 1/sqrt(draws).
     deq = qt.dequantize().cpu().reshape(reps, 4, 64)
     err_16 = (deq[:16].mean(0) - x).abs().mean()
     err_256 = (deq.mean(0) - x).abs().mean()
@@ -280,13 +311,17 @@ def test_stochastic_statistics():
             .dequantize().cpu() - x).abs().mean()
     assert err_256 < near / 4
     assert err_256 < err_16 / 2.5
-    # A single value between grid points: 0.3 in a unit-scale block rounds up with probability 0.6.
-    y = torch.zeros(64, 32)
-    y[:, 0], y[:, 16] = 6.0, 2688.0
+    # A single value between grid points: 0.3 in a unit-scale block has f = 0.6, t = floor(0.6 * 256) = 153, and
+    # rounds up with probability 153 / 256 (spec section 5); 0.5 + 0.999 / 512 (t = 0) never rounds up.
+    y = torch.zeros(64, 48)
+    y[:, 0], y[:, 16], y[:, 32] = 6.0, 6.0, 2688.0
     y[:, 1:16] = 0.3
+    y[:, 17:32] = 0.5 + 0.999 / 512
     qy = cq.quantize_triton(y.to(DEVICE), fp4compile.NVFP4, (1, 16), fp4compile.Rounding.STOCHASTIC, 11, 0)
-    mean = qy.dequantize().cpu()[:, 1:16].mean().item()
-    assert abs(mean - 0.3) < 4 * 0.5 * math.sqrt(0.24 / (64 * 15))
+    deq = qy.dequantize().cpu()
+    mean = deq[:, 1:16].mean().item()
+    assert abs(mean - 0.5 * 153 / 256) < 4 * 0.5 * math.sqrt(0.24 / (64 * 15))
+    assert (deq[:, 17:32] == 0.5).all()
 
 
 def test_stochastic_seed_and_offset_semantics():

@@ -10,7 +10,7 @@ from fp4compile.numerics.formats import E4M3, E5M2, SCALE_FORMATS, resolve_forma
 from fp4compile.numerics.rounding import e2m1_values, round_to_float_format
 
 from independent_nvfp4 import dequantize as np_dequantize
-from independent_nvfp4 import quantize_nvfp4_1x16
+from independent_nvfp4 import philox4x32_10, quantize_nvfp4_1x16
 
 # Expected code of each magnitude (spec section 2 step 5): thresholds and their ties.
 THRESHOLD_CASES = [
@@ -212,7 +212,7 @@ def test_stochastic_outputs_are_grid_neighbours():
 
 def test_stochastic_mean_converges_and_beats_nearest():
     x = torch.randn(16, 64)
-    draws = [fp4compile.quantize(x, rounding="stochastic", seed=7, offset=i * 256).dequantize() for i in range(512)]
+    draws = [fp4compile.quantize(x, rounding="stochastic", seed=7, offset=i * 64).dequantize() for i in range(512)]
     stack = torch.stack(draws)
     err_1 = (stack[:32].mean(0) - x).abs().mean()
     err_2 = (stack.mean(0) - x).abs().mean()
@@ -222,15 +222,83 @@ def test_stochastic_mean_converges_and_beats_nearest():
     assert err_2 < err_1 / 2.5
 
 
-def test_stochastic_is_unbiased_on_a_single_value():
-    # 0.3 sits between 0 and 0.5 in unit-scale blocks: E[q] = 0.3 (up with probability 0.6).
-    x = _unit_scale_block([0.3] * 15)
-    ups = []
-    for i in range(400):
-        qt = fp4compile.quantize(x, rounding="stochastic", seed=11, offset=i * 8)
-        ups.append(qt.dequantize()[0, 1:16])
-    mean = torch.stack(ups).mean().item()
-    assert abs(mean - 0.3) < 4 * math.sqrt(0.6 * 0.4 / 6000) * 0.5 + 1e-3
+def _unit_scale_rows(value, rows):
+    """``rows`` copies of a unit-scale block (see `_unit_scale_block`) holding ``value`` 15 times: one call gives
+    15 * rows draws of the same magnitude, each from its own random byte."""
+    return _unit_scale_block([value] * 15).repeat(rows, 1)
+
+
+def test_stochastic_mean_is_lo_plus_step_times_t_over_256():
+    # 0.3 sits between 0 and 0.5: f = 0.6, t = floor(0.6 * 256) = 153, so E[q] = 0.5 * 153 / 256 (spec section 5).
+    draws = fp4compile.quantize(_unit_scale_rows(0.3, 400), rounding="stochastic", seed=11, offset=3)
+    values = draws.dequantize()[:, 1:16]
+    assert abs(values.mean().item() - 0.5 * 153 / 256) < 4 * 0.5 * math.sqrt(0.6 * 0.4 / values.numel())
+
+
+@pytest.mark.parametrize("lo, step", [(0.0, 0.5), (0.5, 0.5), (1.0, 0.5), (2.0, 1.0), (4.0, 2.0)])
+def test_stochastic_uses_8_random_bits(lo, step):
+    # Only the 8 bits below E2M1's last kept bit count (PTX cvt.rs): below 1/256 of a step nothing rounds up, and
+    # 1.999/256 of a step rounds up with probability 1/256, not 1.999/256. 12000 draws per value: a 24-bit uniform
+    # would round up about 47 of the first and 94 of the second; here 0 and 47 +- 7.
+    rows = 800
+    n = rows * 15
+    for frac, t in ((0.999 / 256, 0), (1.999 / 256, 1), (128.5 / 256, 128), (255.5 / 256, 255)):
+        value = lo + step * frac
+        assert math.floor((torch.tensor(value).item() - lo) / step * 256) == t  # t of the float32 value
+        qt = fp4compile.quantize(_unit_scale_rows(value, rows), rounding="stochastic", seed=5, offset=0)
+        q = qt.dequantize()[:, 1:16]
+        assert ((q == lo) | (q == lo + step)).all()
+        ups = (q == lo + step).sum().item()
+        if t == 0:
+            assert ups == 0, (value, ups)
+        else:
+            p = t / 256
+            assert abs(ups - n * p) < 5 * math.sqrt(n * p * (1 - p)) + 1, (value, ups, n * p)
+
+
+def test_stochastic_counters_per_call_are_ceil_numel_over_16():
+    # Element i draws from counter offset + i // 16: a (2, 48) call uses 6 counters, so a (1, 48) call at offset + 6
+    # continues exactly where it ended. Values at unit scale (S = 1, d_b = 1 in every block).
+    x = torch.rand(3, 48) * 5.9
+    x[:, 0], x[:, 16], x[:, 32] = 6.0, 2688.0, 6.0
+    whole = fp4compile.quantize(x, rounding="stochastic", seed=9, offset=100)
+    first = fp4compile.quantize(x[:2], rounding="stochastic", seed=9, offset=100)
+    last = fp4compile.quantize(x[2:], rounding="stochastic", seed=9, offset=106)
+    assert whole.per_tensor_scale.item() == first.per_tensor_scale.item() == last.per_tensor_scale.item() == 1.0
+    assert torch.equal(torch.cat([first.codes(), last.codes()]), whole.codes())
+    assert not torch.equal(fp4compile.quantize(x[2:], rounding="stochastic", seed=9, offset=105).codes(), last.codes())
+
+
+def test_random_bytes_layout():
+    from fp4compile.numerics.philox import random_bytes
+
+    # Byte i % 4 (least significant first) of word (i % 16) // 4 at counter offset + i // 16.
+    got = random_bytes(7, 40, 37, torch.device("cpu")).tolist()
+    expected = [(philox4x32_10(40 + i // 16, 7)[(i % 16) // 4] >> (8 * (i % 4))) & 0xFF for i in range(37)]
+    assert got == expected
+
+
+@pytest.mark.parametrize("seed, offset", [(0, 0), (7, 123), (2**40 + 5, 2**33 + 3)])
+@pytest.mark.parametrize("shape", [(16, 16), (3, 48), (2, 5, 64)])
+def test_stochastic_matches_independent_implementation(shape, seed, offset):
+    x = torch.randn(shape) * torch.logspace(-2, 2, shape[-1])
+    qt = fp4compile.quantize(x, rounding="stochastic", seed=seed, offset=offset)
+    codes, scales, _ = quantize_nvfp4_1x16(x.reshape(-1, shape[-1]).numpy(), stochastic=True, seed=seed, offset=offset)
+    assert torch.equal(qt.codes().reshape(codes.shape), torch.from_numpy(codes))
+    assert torch.equal(qt.scale.float().reshape(scales.shape), torch.from_numpy(scales))
+
+
+def test_stochastic_keeps_grid_points_and_saturates():
+    # Grid points have t = 0 and never move, in both signs; a value beyond 6 * d_b clamps to 6 and stays there.
+    grid = [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    x = _unit_scale_block(grid + [-g for g in grid]).repeat(64, 1)
+    qt = fp4compile.quantize(x, rounding="stochastic", seed=1, offset=0)
+    assert torch.equal(qt.codes()[:, :16], fp4compile.quantize(x).codes()[:, :16])
+    y = torch.full((64, 16), 1.0)
+    y[:, 0] = 6.3  # d_b = e4m3(6.3 / 6) = 1 (rounded down), so 6.3 scales past 6 and clamps to it
+    qy = fp4compile.quantize(torch.cat([y, torch.full((64, 16), 2688.0)], dim=1), rounding="stochastic", seed=2)
+    assert (qy.scale.float()[:, 0] == 1.0).all()
+    assert (qy.codes()[:, 0] == 7).all()
 
 
 def test_stochastic_seed_and_offset_semantics():

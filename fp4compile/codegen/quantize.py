@@ -8,15 +8,16 @@ random Hadamard transform). Every kernel here is bit-exact with `fp4compile.nume
   (no libdevice, no inline PTX) and on the GPU;
 * no multiply feeds an add unless the product is exact (a power-of-two scaling), so FMA contraction cannot
   change a rounding (the Hadamard butterflies are adds, the 1/4 and the sign flips are exact);
-* stochastic rounding draws ``tl.randint4x(seed, offset + i // 4)`` word ``i % 4`` for element ``i`` in
-  row-major order of the quantized ``(rows, K)`` layout, exactly as `fp4compile.numerics.philox.uniform24`
-  (`_philox4x32` is the same Philox4x32-10, one Philox call per 4 elements).
+* stochastic rounding takes 8 random bits per element, as Blackwell's ``cvt.rs`` (docs/numerics.md, "Stochastic
+  rounding"): element ``i`` in row-major order of the quantized ``(rows, K)`` layout takes byte ``i % 4`` of word
+  ``(i % 16) // 4`` of ``tl.randint4x(seed, offset + i // 16)``, exactly as `fp4compile.numerics.philox.random_bytes`
+  (`_philox4x32` is the same Philox4x32-10, one call per 16 elements, in the thread that holds them).
 
 Speed (issue 5; docs/benchmarks.md has the H100 numbers): each thread holds whole blocks (and whole RHT runs)
 in registers, so block maxima, scales and the packing of 8 codes into an int32 word need no data exchange;
-E2M1 round-to-nearest-even is one float add (`_e2m1_rne`) and stochastic rounding one integer add or one
-compare (`_e2m1_stochastic`) instead of chains of threshold compares; stores go through shared memory into
-whole-line layouts (Triton's conversion).
+E2M1 round-to-nearest-even is one float add (`_e2m1_rne`) and stochastic rounding one truncating fp16 conversion and
+three integer operations (`_e2m1_stochastic`) instead of chains of threshold compares; stores go through shared
+memory into whole-line layouts (Triton's conversion).
 
 Two launches per quantization: a reduction for the tensor amax (the tensor scale must be known before any
 block scale, spec step 2), then the quantize kernel. The input is addressed through its strides, so the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -55,6 +57,9 @@ SCALE_E8M0_FLOOR = 1  # OCP MX: 2^(floor(log2 amax_b) - 2)
 SCALE_E8M0_CEIL = 2  # NV's MXFP4: the smallest power of two with 6 * d >= amax_b
 
 _FLT_MAX = 3.4028234663852886e38
+# Kernels defined under TRITON_INTERPRET=1 run in Triton's interpreter (decided when `triton.jit` decorates them,
+# i.e. at import, as here); a few numerics differ there and are worked around only there.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 # Negative entries of the RHT sign vector (1,1,1,-1,1,-1,-1,-1,-1,-1,-1,1,-1,1,-1,-1) as a bit mask.
 _RHT_NEG_MASK = sum(1 << j for j in (3, 5, 6, 7, 8, 9, 10, 12, 14, 15))
 assert _RHT_NEG_MASK == 0xD7E8
@@ -206,19 +211,28 @@ def _e2m1_rne(mag):
 
 @triton.jit
 def _e2m1_stochastic(mag, words):
-    """Unbiased stochastic E2M1 code (0..7) of float32 ``mag`` in [0, 6] (spec section 2 step 5): up to the next grid
-    point iff u < p, u = (words >> 8) * 2^-24 (uint32 Philox words), p = (mag - lo) / step, as the reference.
+    """Stochastic E2M1 code (0..7) of float32 magnitudes ``mag >= 0`` (clamped to 6 here) with 8 random bits per
+    element, as Blackwell's ``cvt.rs`` (docs/numerics.md, "Stochastic rounding"): up iff ``t + r >= 256``, ``t`` the 8
+    bits truncated below E2M1's last kept bit, ``r`` byte ``c % 4`` of ``words`` for element ``c`` of the last axis
+    (8 consecutive elements).
 
-    mag >= 1: p = d / 2^22, d the 22 mantissa bits below E2M1's one, so u < p iff (words >> 10) < d iff
-    d + (2^22 - 1 - (words >> 10)) carries into bit 22: one integer add, then the code is bits 22.. less 252.
-    mag < 1: lo = 0.5 k (k = mag >= 0.5), step 0.5: u < p iff n < mag * 2^25 - k * 2^24 (exact), n = words >> 8.
+    E2M1 is fp16 with 9 fewer mantissa bits and an exponent bias 14 lower: ``mag * 2^-14`` (exact) truncated to fp16
+    has the bits ``H = 512 lo_code + floor(f * 512)`` over the whole range, fp16's subnormals lining up with E2M1's
+    (0.5 * 2^-14 = 2^-15). So ``t = (H >> 1) & 255`` and the code is ``(H + 2 r) >> 9``, computed next to the byte
+    where it sits in the word (H shifted up to it, the word masked): a conversion and three integer operations, no
+    branch on the binade.
     """
-    bits = mag.to(tl.int32, bitcast=True)
-    normal = ((bits + (0x3FFFFF - (words >> 10).to(tl.int32))) >> 22) - 252
-    k = mag >= 0.5
-    threshold = mag * 33554432.0 - tl.where(k, 16777216.0, 0.0)  # the product is exact: contraction is harmless
-    small = k.to(tl.int32) + ((words >> 8).to(tl.int32).to(tl.float32) < threshold).to(tl.int32)
-    return tl.where(mag >= 1.0, normal, small)
+    y = tl.minimum(mag * 6.103515625e-05, 0.0003662109375)  # mag * 2^-14, clamped to 6 * 2^-14
+    if _INTERPRETED:  # its fp16 conversion mishandles fp32 subnormals; all of them truncate to fp16 0 anyway
+        y = tl.maximum(y, 9.313225746154785e-10)
+    half_bits = y.to(tl.float16, fp_downcast_rounding="rtz").to(tl.uint16, bitcast=True).to(tl.uint32)
+    j = tl.arange(0, 8) % 4  # the byte of each element; a constant per register, so the selects below fold
+    byte = words & (0xFF << (8 * j)).to(tl.uint32)  # r << 8j (uint32: shifts are logical)
+    # (H + 2r) >> 9 with H moved up to the byte rather than the byte down to H, where H << (8j - 1) fits in 32 bits.
+    h_up = tl.where(j == 1, 7, tl.where(j == 2, 15, 0)).to(tl.uint32)
+    r_down = tl.where(j == 0, byte << 1, tl.where(j == 3, byte >> 23, byte))
+    code = ((half_bits << h_up) + r_down) >> tl.where(j == 1, 16, tl.where(j == 2, 24, 9)).to(tl.uint32)
+    return code.to(tl.int32)
 
 
 @triton.jit
@@ -243,19 +257,43 @@ def _philox4x32(seed, counter):
 
 
 @triton.jit
-def _philox_words(seed, counter, BLOCK_R: tl.constexpr, NB_K: tl.constexpr, NCH: tl.constexpr):
-    """Philox words of the (BLOCK_R, NB_K, NCH, 8) tile from each element's counter ``offset + (row * K + col) // 4``
-    (K is a multiple of 8): element (row, col) draws word col % 4 of ``tl.randint4x(seed, counter)``.
+def _philox_tile_words(seed, offset, rows, col0, K, zero, BLOCK_R: tl.constexpr, NB_K: tl.constexpr,
+                       NCH: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """For each element of the (BLOCK_R, NB_K, NCH, 8) tile (rows ``rows``, columns from ``col0``), the Philox word
+    that holds its random byte: element ``i = row * K + col`` takes word ``(i % 16) // 4`` of
+    ``tl.randint4x(seed, offset + i // 16)`` (spec section 2 step 5; byte ``i % 4`` is `_e2m1_stochastic`'s).
 
-    One Philox call per run of 4: the counters of elements 0 and 4 of each chunk are picked by splits, and the
-    words are interleaved back into chunk order by joins (Triton moves the words, 4 bytes per element, through
-    shared memory once: the Philox math runs in a layout of its own).
+    One Philox call per 16 elements, in the thread that holds them. ``zero``: a (BLOCK_R, NB_K) int32 tensor of
+    zeros reduced from the tile (so in its layout, per block in the thread of the block), added to the counters so
+    that Triton lays the Philox rounds out where the words are used instead of moving the words through shared
+    memory; LLVM proves it zero (bit 31 of |x| bits is clear) and drops the add. Blocks of 8 (NCH == 1) take one
+    call per chunk of 8,
+    since a 16-element group may straddle two rows (K % 16 == 8) or two threads.
     """
-    lo, _ = tl.split(tl.reshape(counter, (BLOCK_R, NB_K, NCH, 2, 2, 2)))
-    first, _ = tl.split(lo)  # (BLOCK_R, NB_K, NCH, 2): the counters of elements 0 and 4
-    w0, w1, w2, w3 = _philox4x32(seed, first)
-    # join(join(w0, w2), join(w1, w3))[..., g, t, s] = w_(2t + s): flattening (g, t, s) gives the chunk's order.
-    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_R, NB_K, NCH, 8))
+    h = tl.arange(0, NCH)[None, None, :, None]
+    c = tl.arange(0, 8)[None, None, None, :]
+    if NCH == 2:  # blocks of 16: one group per block; element (h, c) takes word 2h + c // 4
+        counter = offset + rows.to(tl.int64)[:, None] * (K // 16) + (col0 // 16 + tl.arange(0, NB_K))[None, :] + zero
+        w0, w1, w2, w3 = _philox4x32(seed, counter)  # (BLOCK_R, NB_K)
+        lower = tl.where(c < 4, w0[:, :, None, None], w1[:, :, None, None])
+        upper = tl.where(c < 4, w2[:, :, None, None], w3[:, :, None, None])
+        return tl.where(h == 0, lower, upper)  # constant conditions per register: no selects remain
+    elif NCH % 2 == 0:  # blocks of 32 and more: NCH / 2 groups per block
+        G: tl.constexpr = NCH // 2
+        group = col0 // 16 + tl.arange(0, NB_K)[:, None] * (BLOCK_COLS // 16) + tl.arange(0, G)[None, :]
+        counter = offset + rows.to(tl.int64)[:, None, None] * (K // 16) + group[None, :, :] + zero[:, :, None]
+        w0, w1, w2, w3 = _philox4x32(seed, counter)  # (BLOCK_R, NB_K, G)
+        # join(join(w0, w2), join(w1, w3))[..., p, q] = w_(2p + q): chunk 2g + p, elements 4q .. 4q + 3.
+        words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+        words = tl.broadcast_to(words[:, :, :, :, :, None], (BLOCK_R, NB_K, G, 2, 2, 4))
+        return tl.reshape(words, (BLOCK_R, NB_K, NCH, 8))
+    else:  # blocks of 8: one call per chunk, which is the first or the second half of its group
+        first = rows.to(tl.int64)[:, None] * K + (col0 + tl.arange(0, NB_K) * 8)[None, :]
+        w0, w1, w2, w3 = _philox4x32(seed, offset + first // 16 + zero)  # (BLOCK_R, NB_K)
+        second_half = ((first & 8) != 0)[:, :, None, None]
+        lower = tl.where(c < 4, w0[:, :, None, None], w1[:, :, None, None])
+        upper = tl.where(c < 4, w2[:, :, None, None], w3[:, :, None, None])
+        return tl.where(second_half, upper, lower)
 
 
 @triton.jit
@@ -380,7 +418,8 @@ def _quantize_tile(v, row0, rows, col0, cols, s, d_global, q_ptr, scale_ptr, deq
     NB_R: tl.constexpr = BLOCK_R // BLOCK_ROWS
 
     # Step 3: block amax (in-thread over the chunk and element axes; over BLOCK_ROWS rows for 2D blocks), then d_b.
-    block_amax_bits = tl.max(tl.max(_abs_bits(v), axis=3), axis=2)  # (BLOCK_R, NB_K)
+    row_block_amax_bits = tl.max(tl.max(_abs_bits(v), axis=3), axis=2)  # (BLOCK_R, NB_K)
+    block_amax_bits = row_block_amax_bits
     if BLOCK_ROWS > 1:
         block_amax_bits = tl.max(tl.reshape(block_amax_bits, (NB_R, BLOCK_ROWS, NB_K)), axis=1)  # (NB_R, NB_K)
     block_amax = block_amax_bits.to(tl.float32, bitcast=True)
@@ -413,12 +452,12 @@ def _quantize_tile(v, row0, rows, col0, cols, s, d_global, q_ptr, scale_ptr, deq
 
     # Step 5: x * e_b, clamped to [-6, 6] (as a magnitude: the sign is kept apart), rounded to E2M1.
     scaled_v = v * e_block[:, :, None, None]
-    mag = tl.minimum(tl.abs(scaled_v), 6.0)
     if STOCHASTIC:
-        counter = offset + rows.to(tl.int64)[:, None, None, None] * (K // 4) + (cols // 4).to(tl.int64)
-        code = _e2m1_stochastic(mag, _philox_words(seed, counter, BLOCK_R, NB_K, NCH))
+        zero = row_block_amax_bits >> 31  # the sign bit of |x| bits: 0, in the layout of the tile's blocks
+        words = _philox_tile_words(seed, offset, rows, col0, K, zero, BLOCK_R, NB_K, NCH, BLOCK_COLS)
+        code = _e2m1_stochastic(tl.abs(scaled_v), words)
     else:
-        code, grid = _e2m1_rne(mag)
+        code, grid = _e2m1_rne(tl.minimum(tl.abs(scaled_v), 6.0))
     negative = scaled_v < 0  # -0.0 keeps code 0, as the reference's sign test
     code = code | tl.where(negative, 8, 0)
 

@@ -124,7 +124,8 @@ def quantize(
             giving the same dequantized matrix for ``W`` and ``W.T``); defaults to ``(1, format.block_size)``.
         rounding: ``"nearest"`` (ties to even) or ``"stochastic"``.
         seed, offset: the Philox key and first counter of stochastic rounding; element ``i`` (row-major)
-            draws word ``i % 4`` at counter ``offset + i // 4``, so a call uses ``ceil(numel / 4)`` counters.
+            takes byte ``i % 4`` of word ``(i % 16) // 4`` at counter ``offset + i // 16``, so a call uses
+            ``ceil(numel / 16)`` counters (docs/numerics.md, "Stochastic rounding").
         hadamard: apply the 16-point random Hadamard transform along the last axis first (spec section 3);
             the tensor amax is taken after it and the result stays in the transformed domain.
         impl: ``"reference"`` (plain PyTorch), ``"triton"`` (fused kernels), or ``"auto"`` (Triton on CUDA

@@ -3,13 +3,19 @@
 It reproduces ``triton.language.randint4x(seed, offset)`` bit for bit (counter ``(offset_lo, offset_hi, 0, 0)``,
 key ``(seed_lo, seed_hi)``, ten rounds), so the Triton kernels and this reference draw the same bits.
 Arithmetic runs on int64 tensors holding uint32 values, so it works on any device.
+
+Stochastic rounding takes one random byte per element, 16 bytes from one Philox call (docs/numerics.md,
+"Stochastic rounding"; ../shared/docs/NVFP4.md section 2 step 5): `random_bytes`.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["philox4x32", "uniform24"]
+__all__ = ["philox4x32", "random_bytes", "ELEMENTS_PER_COUNTER"]
+
+#: Elements served by one Philox4x32-10 call (one counter): four 32-bit words of four bytes.
+ELEMENTS_PER_COUNTER = 16
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -54,12 +60,14 @@ def philox4x32(counter: torch.Tensor, seed: "int | torch.Tensor") -> tuple[torch
     return c0, c1, c2, c3
 
 
-def uniform24(seed: "int | torch.Tensor", offset: "int | torch.Tensor", n: int, device: torch.device) -> torch.Tensor:
-    """``n`` float32 uniforms in [0, 1) with 24 random bits each, element ``i`` from word ``i % 4`` of
-    Philox4x32-10 at counter ``offset + i // 4``. A call consumes ``ceil(n / 4)`` counters."""
-    groups = (n + 3) // 4
+def random_bytes(seed: "int | torch.Tensor", offset: "int | torch.Tensor", n: int, device: torch.device) -> torch.Tensor:
+    """``n`` random bytes (int64 values 0..255) for stochastic rounding: element ``i`` takes byte ``i % 4`` (least
+    significant first) of word ``(i % 16) // 4`` of Philox4x32-10 at counter ``offset + i // 16``, keyed by
+    ``seed``. A call consumes ``ceil(n / 16)`` counters."""
+    groups = (n + ELEMENTS_PER_COUNTER - 1) // ELEMENTS_PER_COUNTER
     counter = torch.arange(groups, dtype=torch.int64, device=device)
     counter = counter + (offset.to(device) if isinstance(offset, torch.Tensor) else offset)
-    words = torch.stack(philox4x32(counter, seed), dim=-1).reshape(-1)[:n]
-    # The top 24 bits of a word as an integer below 2^24 convert to float32 exactly.
-    return (words >> 8).to(torch.float32) * (2.0**-24)
+    words = torch.stack(philox4x32(counter, seed), dim=-1)  # (groups, 4): word w of group g
+    # Python-int shifts, not a constant tensor: nothing is copied from the host (CUDA-graph capture forbids it).
+    per_byte = torch.stack([(words >> shift) & 0xFF for shift in (0, 8, 16, 24)], dim=-1)  # (groups, 4, 4)
+    return per_byte.reshape(-1)[:n]

@@ -11,7 +11,7 @@ import math
 import torch
 
 from .formats import E2M1_VALUES, ScaleFormat, ScaleRounding
-from .philox import uniform24
+from .philox import random_bytes
 
 __all__ = [
     "round_to_scale_format",
@@ -108,11 +108,14 @@ def e2m1_codes_nearest(v: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_codes_stochastic(v: torch.Tensor, seed: "int | torch.Tensor", offset: "int | torch.Tensor") -> torch.Tensor:
-    """E2M1 codes of float32 ``v`` (clamped to [-6, 6]) with unbiased stochastic rounding.
+    """E2M1 codes of float32 ``v`` (clamped to [-6, 6]) with stochastic rounding as Blackwell's
+    ``cvt.rs.satfinite.e2m1x4.f32`` does it: 8 random bits per element (docs/numerics.md, "Stochastic rounding").
 
-    The magnitude rounds up to the next grid point with probability equal to its fractional distance from
-    the grid point below (spec section 2 step 5). Element ``i`` of ``v`` in row-major order draws its uniform
-    from Philox4x32-10 at counter ``offset + i // 4``, word ``i % 4`` (see `philox.uniform24`).
+    With ``lo <= |v| < hi`` the neighbouring grid points, ``f = (|v| - lo) / (hi - lo)`` and ``t = floor(f * 256)``
+    (the 8 bits the conversion truncates below E2M1's last kept bit), the magnitude rounds up to ``hi`` iff
+    ``t + r >= 256`` for a random byte ``r``: ``P(up) = t / 256``, below ``f`` by less than 1/256. Element ``i``
+    of ``v`` in row-major order takes its byte from `philox.random_bytes` (Philox4x32-10 at counter
+    ``offset + i // 16``), so a call consumes ``ceil(numel / 16)`` counters.
     """
     mag = v.abs()
     # Index of the grid point at or below mag: count the grid points 0.5..6 that mag reaches.
@@ -122,10 +125,12 @@ def e2m1_codes_stochastic(v: torch.Tensor, seed: "int | torch.Tensor", offset: "
     upper = torch.clamp(lower + 1, max=len(E2M1_VALUES) - 1)
     lo, hi = e2m1_magnitude(lower), e2m1_magnitude(upper)
     step = hi - lo
-    # mag - lo is exact (lo <= mag < 2 lo, or lo == 0) and step is a power of two: p is exact.
-    p = torch.where(step > 0, (mag - lo) / torch.where(step > 0, step, torch.ones_like(step)), torch.zeros_like(mag))
-    u = uniform24(seed, offset, v.numel(), v.device).reshape(v.shape)
-    code = (lower + (u < p).to(torch.int64)).to(torch.uint8)
+    # mag - lo is exact (lo <= mag < 2 lo, or lo == 0) and step is a power of two: f and f * 256 are exact, so t is
+    # exactly the 8 truncated bits. mag == 6 has no grid point above (step 0): t = 0, it stays at 6.
+    f = torch.where(step > 0, (mag - lo) / torch.where(step > 0, step, torch.ones_like(step)), torch.zeros_like(mag))
+    t = torch.floor(torch.nan_to_num(f) * 256).to(torch.int64)
+    r = random_bytes(seed, offset, v.numel(), v.device).reshape(v.shape)
+    code = (lower + (t + r >= 256).to(torch.int64)).to(torch.uint8)
     code = torch.where(torch.isnan(v), torch.zeros_like(code), code)
     return code | ((v < 0).to(torch.uint8) << 3)
 
