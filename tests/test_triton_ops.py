@@ -80,7 +80,7 @@ def test_traced_quantize_records_the_kernels_as_graph_nodes():
                        fw_compiler=compiler)(x)
     assert torch.equal(out.cpu(), _reference_parts(x, OPERANDS[0], None, False)[0])
     assert "triton_kernel_wrapper_functional" in graphs[0] and "fp4compile.quantize_triton" not in graphs[0]
-    assert graphs[0].count("triton_kernel_wrapper_functional") == 2  # amax, then quantize
+    assert graphs[0].count("= torch.ops.higher_order.triton_kernel_wrapper_functional(") == 2  # amax, quantize
 
 
 @pytest.mark.parametrize("hadamard", [False, True])
@@ -171,3 +171,32 @@ def test_inductor_launches_the_kernels_from_its_code():
     assert "_quantize_kernel" in joined and "_amax_kernel" in joined
     assert "torch.ops.fp4compile.quantize.default" not in joined
     assert out.shape == (4, 128, 512)
+
+
+def test_access_analysis_is_memoized_for_own_kernels_only():
+    """torch's per-launch analysis (which tensors a kernel writes) runs once per kernel configuration for
+    fp4compile's kernels: same constexprs, scalars and tensor dtypes, same answer."""
+    calls = []
+
+    def analysis(kernel, kwargs, tma):
+        calls.append(kernel)
+        return {"writes": ["q_ptr"]}
+
+    memoized = triton_ops._memoized(analysis)
+    x16, x16b, x32 = (torch.empty(2, dtype=torch.bfloat16), torch.empty(3, dtype=torch.bfloat16),
+                      torch.empty(2, dtype=torch.float32))
+    own = cq._quantize_kernel
+    assert memoized(own, {"x_ptr": x16, "R": 8, "HADAMARD": False}, {}) == {"writes": ["q_ptr"]}
+    memoized(own, {"x_ptr": x16b, "R": 8, "HADAMARD": False}, {})  # another tensor, same dtype: cached
+    assert len(calls) == 1
+    memoized(own, {"x_ptr": x32, "R": 8, "HADAMARD": False}, {})
+    memoized(own, {"x_ptr": x16, "R": 8, "HADAMARD": True}, {})
+    memoized(own, {"x_ptr": x16, "R": 16, "HADAMARD": False}, {})
+    assert len(calls) == 4
+
+    def foreign(x):  # a kernel defined elsewhere goes through every time
+        return x
+
+    memoized(foreign, {"x_ptr": x16}, {})
+    memoized(foreign, {"x_ptr": x16}, {})
+    assert len(calls) == 6

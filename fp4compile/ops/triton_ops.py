@@ -13,11 +13,20 @@ of ``fp4compile::quantize`` / ``fp4compile::amax`` (tests/test_triton_ops.py). W
 versions (`uses_triton_ops` says which): CPU tensors (the reference quantizer, what CI runs), formats the
 kernels do not implement, and quantizations while a quantization observer is installed
 (`fp4compile.ops.observe`; a traced op calls no Python, so it could not call the observer).
+
+Compile time: for every traced launch, torch generates the kernel's Triton IR to find which arguments it
+writes, three times per launch (functionalization, Inductor's graph lowering, its kernel node), about 0.15-0.25 s
+each for the quantize kernel. A GPT-2-small step has about 300 such launches, all of a few dozen distinct
+configurations: the first compile took 175 s where BF16's took 27 (docs/benchmarks.md).
+`_memoize_access_analysis` keeps that analysis per kernel and configuration for fp4compile's kernels.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import copy
+import functools
+import logging
+from typing import Any, Callable, Optional
 
 import torch
 from torch.library import triton_op
@@ -29,6 +38,70 @@ from .library import _scale_bytes, dequantized_dtype
 from .observe import current_observer
 
 __all__ = ["quantize_traced", "tensor_amaxes_traced", "dequantize_traced", "uses_triton_ops"]
+
+logger = logging.getLogger(__name__)
+
+#: The kernels whose access analysis is memoized (`_memoize_access_analysis`): defined in this package only.
+_OWN_KERNEL_MODULES = ("fp4compile.codegen.quantize", "fp4compile.codegen.gemm")
+#: torch's per-launch analysis, by the name it has in the versions fp4compile supports.
+_ANALYSIS_NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
+
+
+def _argument_key(value: Any) -> Any:
+    """What the access analysis of one kernel argument depends on: a tensor's dtype (any tensor-like: fake
+    tensors, Inductor's IR nodes), a scalar's value; None where the argument cannot be keyed."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return (type(value).__name__, value)
+    if getattr(value, "is_number", False):  # a sympy number (Inductor's kernel node passes sizes as such)
+        return ("number", str(value))
+    dtype = getattr(value, "dtype", None)
+    if dtype is None and callable(getattr(value, "get_dtype", None)):
+        dtype = value.get_dtype()
+    return ("tensor", str(dtype)) if isinstance(dtype, torch.dtype) else None
+
+
+def _analysis_key(kernel: Any, kwargs: Any, rest: tuple) -> Optional[tuple]:
+    fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps its JITFunction
+    if getattr(fn, "__module__", None) not in _OWN_KERNEL_MODULES or not isinstance(kwargs, dict) or any(rest):
+        return None
+    items = tuple((name, _argument_key(v)) for name, v in sorted(kwargs.items()))
+    if any(key is None for _, key in items):
+        return None
+    return (id(kernel), items)
+
+
+def _memoized(analysis: Callable[..., Any]) -> Callable[..., Any]:
+    cache: dict[tuple, Any] = {}
+
+    @functools.wraps(analysis)
+    def run(kernel, kwargs, *rest, **options):
+        key = None if options else _analysis_key(kernel, kwargs, rest)
+        if key is None:
+            return analysis(kernel, kwargs, *rest, **options)
+        if key not in cache:
+            cache[key] = analysis(kernel, kwargs, *rest, **options)
+        return copy.deepcopy(cache[key])  # callers may rename or extend what they get
+
+    run._fp4compile_memoized = True
+    return run
+
+
+def _memoize_access_analysis() -> None:
+    """Memoize torch's per-launch analysis of which tensors a user-defined Triton kernel reads and writes, for
+    fp4compile's own kernels: it depends only on the kernel, its constexprs and which arguments are tensors of
+    which dtype (the key, with every scalar's value), and generating the Triton IR it reads dominated compile
+    time (module docstring). Other kernels go through unchanged. A no-op where torch has no such function."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    for name in _ANALYSIS_NAMES:
+        analysis = getattr(triton_kernel_wrap, name, None)
+        if analysis is not None and not getattr(analysis, "_fp4compile_memoized", False):
+            setattr(triton_kernel_wrap, name, _memoized(analysis))
+            logger.debug("fp4compile: memoizing %s for fp4compile's kernels", name)
+            return
+
+
+_memoize_access_analysis()
 
 
 def uses_triton_ops(x: torch.Tensor, op: OperandPrecision) -> bool:
