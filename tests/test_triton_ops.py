@@ -158,20 +158,20 @@ def test_table_and_fp4_linear_carry_the_paths():
 
 @pytest.mark.gpu
 def test_inductor_launches_the_kernels_from_its_code():
-    """Under Inductor the quantize and amax kernels appear in the generated code and no
-    ``fp4compile.quantize`` custom op is called; the compiled step matches the eager one bit for bit."""
+    """Under Inductor the quantize and amax kernels appear in the generated code (forward and backward) and no
+    ``fp4compile::quantize`` custom op is called."""
     from torch._inductor.utils import run_and_get_code
+    from tests.helpers import batch
+    from tests.models import GPT
 
     torch.manual_seed(0)
-    layer = torch.nn.Linear(256, 512, device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(4, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    compiled = torch.compile(layer, backend=fp4compile.backend(policy=fp4compile.recipes.fp4_all_the_way()))
-    out, codes = run_and_get_code(lambda: compiled(x))
+    model = GPT(vocab=256, d=256, n_layer=3, n_head=4, block_size=128).cuda()  # block 1 is quantized
+    idx, tgt = (t.cuda() for t in batch(vocab=256, b=4, t=128))
+    compiled = torch.compile(model, backend=fp4compile.Fp4Backend(inner="inductor"))
+    loss, codes = run_and_get_code(lambda: compiled(idx, tgt).backward())
     joined = "\n".join(codes)
-    assert "_quantize_kernel" in joined and "_amax_kernel" in joined
+    assert "_quantize_kernel" in joined and "_amax_kernel" in joined and "_dequantize_kernel" in joined
     assert "torch.ops.fp4compile.quantize.default" not in joined
-    assert out.shape == (4, 128, 512)
-
 
 def test_access_analysis_is_memoized_for_own_kernels_only():
     """torch's per-launch analysis (which tensors a kernel writes) runs once per kernel configuration for
