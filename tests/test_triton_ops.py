@@ -189,14 +189,19 @@ def test_access_analysis_is_memoized_for_own_kernels_only():
     assert memoized(own, {"x_ptr": x16, "R": 8, "HADAMARD": False}, {}) == {"writes": ["q_ptr"]}
     memoized(own, {"x_ptr": x16b, "R": 8, "HADAMARD": False}, {})  # another tensor, same dtype: cached
     assert len(calls) == 1
+    # torch wraps a kernel launched with num_warps in a fresh one-config Autotuner per launch: same entry.
+    for _ in range(2):
+        wrapped = triton.autotune(configs=[triton.Config({}, num_warps=4)], key=[])(own)
+        memoized(wrapped, {"x_ptr": x16, "R": 8, "HADAMARD": False}, {})
+    assert len(calls) == 2
     memoized(own, {"x_ptr": x32, "R": 8, "HADAMARD": False}, {})
     memoized(own, {"x_ptr": x16, "R": 8, "HADAMARD": True}, {})
     memoized(own, {"x_ptr": x16, "R": 16, "HADAMARD": False}, {})
-    assert len(calls) == 4
+    assert len(calls) == 5
 
     def foreign(x):  # a kernel defined elsewhere goes through every time
         return x
 
     memoized(foreign, {"x_ptr": x16}, {})
     memoized(foreign, {"x_ptr": x16}, {})
-    assert len(calls) == 6
+    assert len(calls) == 7

@@ -60,14 +60,32 @@ def _argument_key(value: Any) -> Any:
     return ("tensor", str(dtype)) if isinstance(dtype, torch.dtype) else None
 
 
+def _kernel_key(kernel: Any) -> Optional[tuple]:
+    """The Python function under ``kernel`` and the launch configurations wrapped around it. torch wraps a
+    ``wrap_triton`` kernel launched with ``num_warps`` in a fresh one-config Autotuner per launch, so the
+    wrapper's identity would never repeat; the configurations' constexprs do enter the analysis."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    configs = []
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        for cfg in getattr(kernel, "configs", None) or ():
+            configs.append((tuple(sorted((k, _argument_key(v)) for k, v in cfg.kwargs.items())),
+                            getattr(cfg, "num_warps", None), getattr(cfg, "num_stages", None)))
+        kernel = kernel.fn
+    fn = getattr(kernel, "fn", None)
+    if fn is None or getattr(fn, "__module__", None) not in _OWN_KERNEL_MODULES:
+        return None
+    return (fn.__module__, fn.__qualname__, tuple(configs))
+
+
 def _analysis_key(kernel: Any, kwargs: Any, rest: tuple) -> Optional[tuple]:
-    fn = getattr(kernel, "fn", kernel)  # an Autotuner wraps its JITFunction
-    if getattr(fn, "__module__", None) not in _OWN_KERNEL_MODULES or not isinstance(kwargs, dict) or any(rest):
+    kernel_key = _kernel_key(kernel)
+    if kernel_key is None or not isinstance(kwargs, dict) or any(rest):
         return None
     items = tuple((name, _argument_key(v)) for name, v in sorted(kwargs.items()))
     if any(key is None for _, key in items):
         return None
-    return (id(kernel), items)
+    return (kernel_key, items)
 
 
 def _memoized(analysis: Callable[..., Any]) -> Callable[..., Any]:
