@@ -113,10 +113,12 @@ def _memoize_access_analysis() -> None:
 
     for name in _ANALYSIS_NAMES:
         analysis = getattr(triton_kernel_wrap, name, None)
-        if analysis is not None and not getattr(analysis, "_fp4compile_memoized", False):
+        if analysis is None:
+            continue
+        if not getattr(analysis, "_fp4compile_memoized", False):
             setattr(triton_kernel_wrap, name, _memoized(analysis))
             logger.debug("fp4compile: memoizing %s for fp4compile's kernels", name)
-            return
+        return
 
 
 _memoize_access_analysis()
