@@ -4,8 +4,8 @@
 - ``FP4COMPILE_VERIFY=1``: run the graph verifier after every pass (the tests turn it on).
 - ``FP4COMPILE_INNER=inductor|aot_eager|eager``: the compiler for everything that is not an FP4 GEMM.
 - ``FP4COMPILE_GEMM_IN_GRAPH=1|0``: force the dense FP4 GEMM path to be written as graph ops (matmul, alpha,
-  bias; Inductor fuses the epilogue) or as the ``fp4compile::gemm`` op; unset, the backend picks per shape
-  (`fp4compile.ops.linear.gemm_in_graph`).
+  bias; Inductor fuses the epilogue) or as the ``fp4compile::gemm`` op; unset, the backend picks per GEMM
+  (`fp4compile.passes.choose_gemm_paths`).
 """
 
 from __future__ import annotations

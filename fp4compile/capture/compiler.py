@@ -159,7 +159,8 @@ class Fp4Backend:
         if placement is not None:
             gm = copy_graph_module(gm)  # the placement differs per variant: Dynamo's graph stays untouched
             gm.meta[PLACEMENT] = placement
-        result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify)
+        result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify,
+                             cudagraphs=self.cudagraphs and self.inner == "inductor")
         report = CompileReport(graph_id, phase.name, precision_table(result.annotated, graph_id), result.snapshots)
         self.reports.append(report)
         if report.fallbacks:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from typing import Any, Iterator
 
-__all__ = ["triton_available", "runs_on_triton"]
+__all__ = ["triton_available", "runs_on_triton", "traceable", "eager_launches"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,3 +31,29 @@ def runs_on_triton(t) -> bool:
     """Whether the Triton kernels handle tensor ``t``: a CUDA tensor, with `triton_available`. The reference
     implementations take everything else."""
     return t.is_cuda and triton_available()
+
+
+def traceable(kernel: Any) -> Any:
+    """``torch.library.wrap_triton(kernel)``, what the host wrappers launch: inside a ``triton_op`` body traced by
+    AOTAutograd (`fp4compile.ops.triton_ops`) the launch becomes a graph node that Inductor's generated code
+    launches; in eager code (under `eager_launches`) it is a plain launch. Under ``TRITON_INTERPRET=1`` the
+    kernel as it is (the interpreter's kernels cannot be traced)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+@contextlib.contextmanager
+def eager_launches() -> Iterator[None]:
+    """Launch `traceable` kernels directly, not through the higher-order op that ``wrap_triton`` dispatches to by
+    default (about a millisecond of host time per launch): for the eager ``custom_op`` implementations, which
+    are never traced into. A ``triton_op`` does the same for its own eager calls."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # older torch: wrap_triton launches directly outside tracing
+        yield
+        return
+    with set_wrap_triton_enabled(False):
+        yield

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from ..numerics.formats import E2M1_MAX, Fp4Format, Rounding, ScaleRounding
 from ..numerics.qtensor import QuantizedTensor
+from . import traceable
 
 __all__ = [
     "quantize_triton",
@@ -615,7 +616,7 @@ def _amax_bits(x2: torch.Tensor, rows: int, k: int, hadamard: bool,
     # A few programs per SM, each looping over a power-of-two number of tiles (few compiled variants).
     tiles_per_program = triton.next_power_of_2(triton.cdiv(num_tiles, per_sm * _sm_count(x2)))
     programs = triton.cdiv(num_tiles, tiles_per_program)
-    _amax_kernel[(programs,)](
+    traceable(_amax_kernel)[(programs,)](
         x2, amax_bits, rows, k, x2.stride(0), x2.stride(1), num_tiles_k, programs,
         TILES_PER_PROGRAM=tiles_per_program, HADAMARD=hadamard, BLOCK_R=block_r, BLOCK_K=block_k,
         ROW_VEC=min(row_vec, block_r), SIGN_MASK=_RHT_NEG_MASK, WITH_PLAIN=with_plain, num_warps=warps,
@@ -663,7 +664,9 @@ def quantize_triton(
     x2, rows, _ = _as_2d_view(x)
     device = x.device
     br, bc = block
-    qdata = torch.empty((rows, k // 2), dtype=torch.uint8, device=device)
+    # Codes are written as int32 words (8 per word) into a buffer of that dtype: a traced kernel (a
+    # ``triton_op`` body, `fp4compile.ops.triton_ops`) must mutate whole tensors, not dtype views of them.
+    code_words = torch.empty((rows, k // 8), dtype=torch.int32, device=device)
     n_scales_r = rows // br if br > 1 else rows
     scale_bytes = torch.empty((n_scales_r, k // bc), dtype=torch.uint8, device=device)
     # D: written by the kernel, 1 for an empty tensor (no launch).
@@ -682,8 +685,8 @@ def quantize_triton(
         # Tiles: multiples of the block shape, no larger than needed for small tensors.
         block_k = max(bc, 16, min(tile_k, triton.next_power_of_2(k)))
         block_r = max(br, min(tile_r, triton.next_power_of_2(rows)))
-        _quantize_kernel[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
-            x2, amax_bits, qdata.view(torch.int32), scale_bytes, d_global, deq, seed_arg, _int_arg(offset),
+        traceable(_quantize_kernel)[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
+            x2, amax_bits, code_words, scale_bytes, d_global, deq, seed_arg, _int_arg(offset),
             rows, k, x2.stride(0), x2.stride(1),
             HADAMARD=hadamard, STOCHASTIC=stochastic, SCALE_KIND=scale_kind, TENSOR_SCALE=fmt.tensor_scale,
             SCALE_MAX=float(fmt.scale_max), ENCODE_NUMERATOR=float(E2M1_MAX * fmt.scale_max),
@@ -693,7 +696,7 @@ def quantize_triton(
         )
     scale_shape = (*lead, k // bc) if br == 1 else (n_scales_r, k // bc)
     qt = QuantizedTensor(
-        qdata=qdata.reshape(*lead, k // 2),
+        qdata=code_words.view(torch.uint8).reshape(*lead, k // 2),
         scale=scale_bytes.view(fmt.scale_format.storage_dtype).reshape(scale_shape),
         per_tensor_scale=d_global,
         format=fmt,
@@ -724,7 +727,7 @@ def dequantize_unscaled_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.f
         codes = qt.qdata.reshape(rows, k // 2)
         if not codes.is_contiguous() or codes.storage_offset() % 4:
             codes = codes.contiguous()  # read as int32 words
-        _dequantize_kernel[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
+        traceable(_dequantize_kernel)[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
             codes.view(torch.int32), qt.scale.view(torch.uint8).reshape(-1), out, rows, k,
             SCALE_KIND=scale_kind, BLOCK_ROWS=br, BLOCK_COLS=bc, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=warps,
         )

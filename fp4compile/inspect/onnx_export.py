@@ -221,7 +221,7 @@ def _prepare(rewritten: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not fp4_linear:
             continue
-        x, weight, bias, precision, _out_dtype, site = node.args
+        x, weight, bias, precision, _out_dtype, site = node.args[:6]  # then the GEMM paths
         fwd = LinearPrecision.decode(precision).forward
         if fwd.is_high:
             node.target, node.args = F.linear, (x, weight, bias)

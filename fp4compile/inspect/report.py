@@ -260,7 +260,7 @@ def _table_html(data: DumpData) -> str:
     by_label = data.numerics_by_label()
     head = ("<tr><th>module</th><th>role</th><th>precision</th><th>lhs</th><th>rhs</th><th>M x N x K</th>"
             "<th>SQNR lhs (dB)</th><th>SQNR rhs (dB)</th><th>underflow lhs/rhs</th><th>saturated lhs/rhs</th>"
-            "<th>amax lhs/rhs</th><th>reason</th></tr>")
+            "<th>amax lhs/rhs</th><th>gemm path</th><th>reason</th></tr>")
     body = []
     for r in data.rows:
         lhs = by_label.get(f"{r['module']}:{r['role']}:lhs")
@@ -275,7 +275,7 @@ def _table_html(data: DumpData) -> str:
             f"<td class=num>{pair(_pct, lhs.underflow_fraction if lhs else None, rhs.underflow_fraction if rhs else None)}</td>"
             f"<td class=num>{pair(_pct, lhs.saturated_fraction if lhs else None, rhs.saturated_fraction if rhs else None)}</td>"
             f"<td class=num>{pair(lambda v: '–' if v is None else f'{v:.3g}', lhs.amax if lhs else None, rhs.amax if rhs else None)}</td>"
-            f"<td>{html.escape(r['reason'])}</td></tr>")
+            f"<td>{html.escape(str(r.get('gemm_path', '')))}</td><td>{html.escape(r['reason'])}</td></tr>")
     return f'<div class="scroll"><table>{head}{"".join(body)}</table></div>'
 
 

@@ -1,4 +1,4 @@
-"""The precision table: one row per GEMM site and role, with the precision and the reason."""
+"""The precision table: one row per GEMM site and role, with the precision, the GEMM path and the reason."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional
 
 import torch.fx as fx
 
-from ..passes.meta import DECISIONS, SITE, UNSUPPORTED
+from ..passes.meta import DECISIONS, GEMM_PATHS, SITE, UNSUPPORTED
 from ..passes.find_gemms import module_path
 from ..passes.subgraphs import all_graph_modules
 from ..policy.precision import Role
@@ -18,7 +18,8 @@ __all__ = ["TableRow", "precision_table", "rows_to_json", "rows_to_markdown"]
 
 @dataclasses.dataclass(frozen=True)
 class TableRow:
-    """One GEMM in one role. ``shape`` is ``(M, N, K)`` of that GEMM (``M`` may be symbolic)."""
+    """One GEMM in one role. ``shape`` is ``(M, N, K)`` of that GEMM (``M`` may be symbolic); ``gemm_path``
+    how it runs (`fp4compile.passes.choose_gemm_paths`; ``high`` for a high-precision role)."""
 
     graph: str
     module: str
@@ -32,6 +33,7 @@ class TableRow:
     weight: str
     node: str
     dtype: str
+    gemm_path: str = "high"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -46,13 +48,15 @@ def precision_table(annotated: fx.GraphModule, graph: str = "") -> list[TableRow
     for node in (n for g in all_graph_modules(annotated) for n in g.graph.nodes):
         site = node.meta.get(SITE)
         decisions = node.meta.get(DECISIONS)
+        paths = node.meta.get(GEMM_PATHS)
         if site is not None and decisions is not None:
             for role in Role:
                 p = decisions[role].precision
+                path = "high" if p.is_high or paths is None else paths.for_role(role)
                 rows.append(TableRow(
                     graph, site.module, role.value, p.precision, decisions[role].reason, site.role_shape(role.value),
                     "high" if p.is_high else p.lhs.describe(), "high" if p.is_high else p.rhs.describe(),
-                    site.layer_index, site.weight, site.node, site.dtype,
+                    site.layer_index, site.weight, site.node, site.dtype, path,
                 ))
         elif UNSUPPORTED in node.meta:
             stack = node.meta.get("nn_module_stack") or {}
@@ -68,9 +72,11 @@ def rows_to_json(rows: Iterable[TableRow]) -> str:
 
 
 def rows_to_markdown(rows: Iterable[TableRow]) -> str:
-    header = "| module | role | precision | lhs | rhs | M x N x K | reason |\n|---|---|---|---|---|---|---|\n"
+    header = ("| module | role | precision | lhs | rhs | M x N x K | gemm path | reason |\n"
+              "|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r.module} | {r.role} | {r.precision} | {r.lhs} | {r.rhs} | {' x '.join(r.shape)} | {r.reason} |\n"
+        f"| {r.module} | {r.role} | {r.precision} | {r.lhs} | {r.rhs} | {' x '.join(r.shape)} | {r.gemm_path} "
+        f"| {r.reason} |\n"
         for r in rows
     )
     return header + body

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..codegen import runs_on_triton
+from ..codegen import eager_launches, runs_on_triton
 from ..numerics.api import check_quantize_args
 from ..numerics.gemm import gemm_reference
 from ..numerics.qtensor import QuantizedTensor
@@ -63,8 +63,9 @@ def _quantize_impl(x: torch.Tensor, op: OperandPrecision, seed, amax: Optional[t
     if runs_on_triton(x):
         from ..codegen.quantize import quantize_triton
 
-        out = quantize_triton(x, args.format, args.block, args.rounding, seed, 0, args.hadamard,
-                              dequantized_dtype=operand_dtype, amax=amax)
+        with eager_launches():
+            out = quantize_triton(x, args.format, args.block, args.rounding, seed, 0, args.hadamard,
+                                  dequantized_dtype=operand_dtype, amax=amax)
         return out if with_dequantized else (out, None)
     qt = quantize_reference(x, args.format, args.block, args.rounding, seed, 0, args.hadamard, amax=amax)
     if not with_dequantized:
@@ -116,7 +117,8 @@ def tensor_amaxes(x: torch.Tensor, hadamard: bool) -> torch.Tensor:
     if runs_on_triton(x):
         from ..codegen.quantize import tensor_amaxes_triton
 
-        return tensor_amaxes_triton(x, hadamard)
+        with eager_launches():
+            return tensor_amaxes_triton(x, hadamard)
     return tensor_amaxes_reference(x, hadamard)
 
 
@@ -135,12 +137,13 @@ def to_quantized_tensor(data: torch.Tensor, scale: torch.Tensor, tensor_scale: t
 
 
 def _gemm_impl(a: QuantizedTensor, b: QuantizedTensor, b_transposed: bool, bias, out_dtype,
-               a_dequantized: Optional[torch.Tensor], b_dequantized: Optional[torch.Tensor]) -> torch.Tensor:
+               a_dequantized: Optional[torch.Tensor], b_dequantized: Optional[torch.Tensor], path: str) -> torch.Tensor:
     if runs_on_triton(a.qdata):
         from ..codegen.gemm import gemm as gemm_triton
 
-        return gemm_triton(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype,
-                           a_dequantized=_nonempty(a_dequantized), b_dequantized=_nonempty(b_dequantized))
+        with eager_launches():
+            return gemm_triton(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype, path=path or None,
+                               a_dequantized=_nonempty(a_dequantized), b_dequantized=_nonempty(b_dequantized))
     return gemm_reference(a, b, b_transposed=b_transposed, bias=bias, out_dtype=out_dtype)
 
 
@@ -163,20 +166,23 @@ def gemm_operands(
     out_dtype: torch.dtype,
     a_dequantized: Optional[torch.Tensor] = None,
     b_dequantized: Optional[torch.Tensor] = None,
+    path: str = "",
 ) -> torch.Tensor:
     """``C = (D_a D_b) (A_u B_u^T) (+ bias)`` on quantized operands (spec section 2), FP32 accumulation.
 
     ``a`` is ``(..., K)``; ``b`` is ``(N, K)``, or ``(K, N)`` with square 2D blocks when ``b_transposed``.
     ``a_dequantized``/``b_dequantized``: the exact operands from ``fp4compile::quantize(with_dequantized=True)``
-    (empty or None: dequantized here when the GEMM path needs them).
+    (empty or None: dequantized here when the GEMM path needs them). ``path``: one of
+    `fp4compile.codegen.gemm.GEMM_PATHS` or ``"reference"`` (the `choose_gemm_paths` pass's choice), empty to
+    let `fp4compile.codegen.gemm.choose_gemm_path` pick.
     """
     a = to_quantized_tensor(a_data, a_scale, a_tensor_scale, a_operand)
     b = to_quantized_tensor(b_data, b_scale, b_tensor_scale, b_operand)
-    return _gemm_impl(a, b, b_transposed, bias, out_dtype, a_dequantized, b_dequantized)
+    return _gemm_impl(a, b, b_transposed, bias, out_dtype, a_dequantized, b_dequantized, path)
 
 
 @gemm_operands.register_fake
 def _gemm_operands_fake(a_data, a_scale, a_tensor_scale, b_data, b_scale, b_tensor_scale, bias, a_operand,
-                        b_operand, b_transposed, out_dtype, a_dequantized=None, b_dequantized=None):
+                        b_operand, b_transposed, out_dtype, a_dequantized=None, b_dequantized=None, path=""):
     n = b_data.shape[-1] * 2 if b_transposed else b_data.shape[0]
     return a_data.new_empty((*a_data.shape[:-1], n), dtype=out_dtype)

@@ -15,6 +15,11 @@ Stochastic rounding draws a fresh 64-bit Philox key per quantization from torch'
 device, so a run is reproducible from ``torch.manual_seed`` and resumable from the RNG state.
 Token counts not divisible by the weight-gradient block are zero-padded: zero rows add nothing to
 ``dy^T x`` and leave every amax unchanged.
+
+Every choice is made when the graph is traced, none per call: on CUDA the quantizations, amaxes and the
+dequantization of the saved x^T are the traceable ``fp4compile::*_triton`` ops (`fp4compile.ops.triton_ops`),
+whose kernels Inductor's generated code launches; each GEMM runs on the path the `choose_gemm_paths` pass
+wrote (`fp4compile.passes.choose_gemm_paths`): ``graph_mm`` as graph ops, the others on ``fp4compile::gemm``.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import torch.nn.functional as F
 from ..policy.precision import GemmPrecision, LinearPrecision, OperandPrecision
 from ..numerics.formats import Rounding
 from ..numerics.hadamard import HADAMARD_SIZE
-from .. import env
 from . import library  # noqa: F401  (registers torch.ops.fp4compile.*)
+from .triton_ops import uses_triton_ops
 
-__all__ = ["fp4_linear", "Fp4LinearFunction"]
+__all__ = ["fp4_linear", "Fp4LinearFunction", "default_gemm_paths"]
 
 _SEED_HIGH = 2**62
 
@@ -59,7 +64,10 @@ def _quantize(x: torch.Tensor, op: OperandPrecision, label: str, with_dequantize
               amax: Optional[torch.Tensor] = None) -> tuple:
     """(codes, scales, tensor scale, exact operand or empty): the operand is written in the same kernel pass
     when the GEMM will consume it (no separate dequantization launch). ``amax``: from `_shared_amaxes`."""
-    return torch.ops.fp4compile.quantize(x, op.encode(), _seed_for(op, x.device), label, with_dequantized, amax)
+    seed = _seed_for(op, x.device)
+    if uses_triton_ops(x, op):
+        return torch.ops.fp4compile.quantize_triton(x, op.encode(), seed, with_dequantized, amax)
+    return torch.ops.fp4compile.quantize(x, op.encode(), seed, label, with_dequantized, amax)
 
 
 def _shared_amaxes(tokens_last: torch.Tensor, row_op: OperandPrecision,
@@ -74,48 +82,53 @@ def _shared_amaxes(tokens_last: torch.Tensor, row_op: OperandPrecision,
     """
     if row_op.hadamard:
         return None, None
-    amaxes = torch.ops.fp4compile.amax(tokens_last, col_op.hadamard)
+    from ..codegen import runs_on_triton
+
+    amax_op = torch.ops.fp4compile.amax_triton if runs_on_triton(tokens_last) else torch.ops.fp4compile.amax
+    amaxes = amax_op(tokens_last, col_op.hadamard)
     return amaxes[1], amaxes[0]
 
 
-def _gemm(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
-    """The GEMM of two ``fp4compile::quantize`` results: written into the graph as a dense matmul plus its
-    epilogue when `gemm_in_graph` says so, else the ``fp4compile::gemm`` op."""
-    if gemm_in_graph(a, b, precision, b_transposed):
-        return _dense_gemm(a, b, b_transposed, bias, out_dtype)
+def _gemm(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool, bias, out_dtype, path: str) -> torch.Tensor:
+    """The GEMM of two quantizations (``fp4compile::quantize`` parts) on ``path`` (`choose_gemm_paths`):
+    ``graph_mm`` as graph ops (the dense product of the exact operands plus its epilogue, which Inductor fuses
+    into the next kernel), every other path on the ``fp4compile::gemm`` op."""
+    if path == "graph_mm":
+        a, b = _with_exact_operand(a, precision.lhs), _with_exact_operand(b, precision.rhs)
+        if _has_fp16_operand(a) and _has_fp16_operand(b):
+            return _dense_gemm(a, b, b_transposed, bias, out_dtype)
+    op_path = "" if path == "graph_mm" else path  # no exact operands (CPU, forced graph form): the op decides
     return torch.ops.fp4compile.gemm(
         *a[:3], *b[:3], bias, precision.lhs.encode(), precision.rhs.encode(), b_transposed, out_dtype,
-        a[3] if len(a) > 3 else None, b[3] if len(b) > 3 else None,
+        a[3] if len(a) > 3 else None, b[3] if len(b) > 3 else None, op_path,
     )
 
 
-def gemm_in_graph(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool) -> bool:
-    """Whether the GEMM is written as graph ops (``mm`` with an FP32 result, ``* alpha``, ``+ bias``, cast).
+def _has_fp16_operand(parts: tuple) -> bool:
+    """Whether a quantization carries its exact operand in float16 (E4M3 scales; other scale formats need
+    float32 and stay on the op's reference path)."""
+    return len(parts) > 3 and parts[3].numel() > 0 and parts[3].dtype == torch.float16
 
-    That is the ``cublas_dequant`` path of `fp4compile.codegen.gemm` with its epilogue left to Inductor, which
-    fuses ``C * alpha + bias`` into the next elementwise kernel instead of a separate pass over C (the pass
-    cost as much as the GEMM itself at K = 768 on the H100, docs/benchmarks.md). Taken on CUDA when both
-    exact operands were written by the quantize kernel and `choose_gemm_path` picks cuBLAS for the shape;
-    where it picks the Triton GEMM (on sm_90+, whose epilogue is fused in the kernel and whose output is
-    already bf16) or native FP4, the ``fp4compile::gemm`` op runs it. The ``FP4COMPILE_GEMM_IN_GRAPH``
-    setting (`fp4compile.env`) forces graph ops on or off.
-    """
-    if len(a) < 4 or len(b) < 4 or a[3].numel() == 0 or b[3].numel() == 0:
-        return False
-    if a[3].dtype != torch.float16 or b[3].dtype != torch.float16:
-        return False  # non-E4M3 scales: the exact operand is float32, left to the reference path
-    forced = env.gemm_in_graph()
-    if forced is not None:
-        return forced
-    from ..codegen import runs_on_triton
 
-    if not runs_on_triton(a[3]):
-        return False
-    from ..codegen.gemm import choose_gemm_path
+def _with_exact_operand(parts: tuple, op: OperandPrecision) -> tuple:
+    """``parts`` with its exact operand: as it is when the quantize kernel wrote it, else (the weight-gradient
+    operand x^T, saved packed) dequantized by the traced ``fp4compile::dequantize_triton`` on CUDA."""
+    if len(parts) > 3 and parts[3].numel() > 0:
+        return parts
+    if not uses_triton_ops(parts[0], op):
+        return parts
+    return (*parts[:3], torch.ops.fp4compile.dequantize_triton(*parts[:3], op.encode()))
 
-    m, k = a[3].shape
-    n = b[3].shape[1] if b_transposed else b[3].shape[0]
-    return choose_gemm_path(m, n, k, precision.lhs.format, a[3].device) == "cublas_dequant"
+
+def default_gemm_paths(cfg: LinearPrecision, x: torch.Tensor, weight: torch.Tensor):
+    """The `GemmPaths` the `choose_gemm_paths` pass would write for an ``fp4_linear`` call outside the backend
+    (no CUDA graphs): used when the caller passes none."""
+    from ..passes.choose_gemm_paths import GemmPaths, gemm_path
+    from ..policy.precision import Role
+
+    tokens, (n, k) = x.numel() // max(x.shape[-1], 1), weight.shape
+    shapes = {Role.FORWARD: (tokens, n, k), Role.INPUT_GRAD: (tokens, k, n), Role.WEIGHT_GRAD: (n, k, tokens)}
+    return GemmPaths(*(gemm_path(cfg.for_role(r), r, shapes[r], x.device, False) for r in Role))
 
 
 def _dense_gemm(a: tuple, b: tuple, b_transposed: bool, bias, out_dtype) -> torch.Tensor:
@@ -159,7 +172,7 @@ class Fp4LinearFunction(torch.autograd.Function):
     """``y = x W^T + b`` with each of its three GEMMs at the precision ``cfg`` gives."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, cfg: LinearPrecision, out_dtype: torch.dtype, site: str):
+    def forward(ctx, x, weight, bias, cfg: LinearPrecision, out_dtype: torch.dtype, site: str, paths):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         fwd, wgrad = cfg.forward, cfg.weight_grad
@@ -174,9 +187,9 @@ class Fp4LinearFunction(torch.autograd.Function):
         else:
             q_x = _quantize(x2, fwd.lhs, f"{site}:forward:lhs", with_dequantized=True, amax=x_amax)
             q_weight = _quantize(weight, fwd.rhs, f"{site}:forward:rhs", with_dequantized=True)
-            y = _gemm(q_x, q_weight, fwd, False, bias, out_dtype)
+            y = _gemm(q_x, q_weight, fwd, False, bias, out_dtype, paths.forward)
 
-        ctx.cfg, ctx.site, ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = cfg, site, x.shape, x.dtype, weight.dtype
+        ctx.cfg, ctx.paths, ctx.site, ctx.x_shape, ctx.x_dtype, ctx.weight_dtype = cfg, paths, site, x.shape, x.dtype, weight.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.reuse_weight = _reuses_forward_weight(cfg)
@@ -214,10 +227,10 @@ class Fp4LinearFunction(torch.autograd.Function):
             else:
                 q_dy = _quantize(dy2, dgrad.lhs, f"{ctx.site}:input_grad:lhs", with_dequantized=True, amax=dy_amax)
                 if ctx.reuse_weight:
-                    dx = _gemm(q_dy, weight_parts, dgrad, True, None, ctx.x_dtype)
+                    dx = _gemm(q_dy, weight_parts, dgrad, True, None, ctx.x_dtype, ctx.paths.input_grad)
                 else:
                     q_wt = _quantize(weight_parts[0].t(), dgrad.rhs, f"{ctx.site}:input_grad:rhs", with_dequantized=True)
-                    dx = _gemm(q_dy, q_wt, dgrad, False, None, ctx.x_dtype)
+                    dx = _gemm(q_dy, q_wt, dgrad, False, None, ctx.x_dtype, ctx.paths.input_grad)
             dx = dx.reshape(ctx.x_shape)
 
         if ctx.needs_input_grad[1]:
@@ -225,24 +238,29 @@ class Fp4LinearFunction(torch.autograd.Function):
                 dw = (dy2.t() @ act_parts[0].to(dy2.dtype)).to(ctx.weight_dtype)
             else:
                 q_dyt = _quantize(dy_t, wgrad.lhs, f"{ctx.site}:weight_grad:lhs", with_dequantized=True, amax=dyt_amax)
-                dw = _gemm(q_dyt, act_parts, wgrad, False, None, ctx.weight_dtype)
+                dw = _gemm(q_dyt, act_parts, wgrad, False, None, ctx.weight_dtype, ctx.paths.weight_grad)
 
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def fp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], precision: str,
-               out_dtype: torch.dtype, site: str = "") -> torch.Tensor:
+               out_dtype: torch.dtype, site: str = "", gemm_paths: str = "") -> torch.Tensor:
     """``x @ weight.T + bias`` with the per-role precisions encoded in ``precision``
-    (`LinearPrecision.encode`), returned in ``out_dtype``; ``site`` (the module path) labels the operands.
+    (`LinearPrecision.encode`), returned in ``out_dtype``; ``site`` (the module path) labels the operands;
+    ``gemm_paths`` (`GemmPaths.encode`, written by the `choose_gemm_paths` pass) says how each GEMM runs
+    (empty: `default_gemm_paths`).
 
     Without autograd (``torch.no_grad()``, inference graphs) only the forward GEMM runs, and it rounds to
     nearest whatever the policy says, so evaluation is deterministic.
     """
+    from ..passes.choose_gemm_paths import GemmPaths
+
     cfg = LinearPrecision.decode(precision)
+    paths = GemmPaths.decode(gemm_paths) if gemm_paths else default_gemm_paths(cfg, x, weight)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return Fp4LinearFunction.apply(x, weight, bias, cfg, out_dtype, site)
+        return Fp4LinearFunction.apply(x, weight, bias, cfg, out_dtype, site, paths)
     fwd = cfg.forward
     if fwd.is_high:
         return F.linear(x, weight, bias).to(out_dtype)
@@ -250,5 +268,5 @@ def fp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     rhs = OperandPrecision(fwd.rhs.format, fwd.rhs.block, Rounding.NEAREST, fwd.rhs.hadamard)
     x2 = x.reshape(-1, x.shape[-1])
     q_x, q_w = _quantize(x2, lhs, f"{site}:forward:lhs"), _quantize(weight, rhs, f"{site}:forward:rhs")
-    y = _gemm(q_x, q_w, GemmPrecision(lhs, rhs), False, bias, out_dtype)
+    y = _gemm(q_x, q_w, GemmPrecision(lhs, rhs), False, bias, out_dtype, paths.forward)
     return y.reshape(*x.shape[:-1], y.shape[-1])

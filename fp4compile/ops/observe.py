@@ -10,7 +10,10 @@ measure numerics.
 ``qt`` the `QuantizedTensor`. A scoped observer wins over the process-wide one. The process-wide one exists
 because a context variable reaches neither the context Dynamo compiles in nor autograd's backward threads on
 GPU. With no observer, an op pays one context-variable read. Ops captured in a CUDA graph run no Python on
-replay, so observers see only the eager and recording calls.
+replay, so observers see only the eager and recording calls. On CUDA, a graph traced while no observer is
+installed quantizes with traced kernels that call no Python (`fp4compile.ops.triton_ops`): install the
+observer before the first compiled call (as ``fp4compile.dump`` and the gradient-noise monitor's ``with``
+block do when they wrap it) for its quantizations to be seen.
 """
 
 from __future__ import annotations

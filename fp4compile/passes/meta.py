@@ -10,3 +10,6 @@ UNSUPPORTED = "fp4compile.unsupported"
 DECISIONS = "fp4compile.decisions"
 #: The encoded `LinearPrecision` on the ``fp4_linear`` node that replaced a GEMM (rewrite_gemms).
 PRECISION = "fp4compile.precision"
+#: `GemmPaths` on a GEMM node with an FP4 role: how each role's GEMM runs (choose_gemm_paths), then handed to
+#: ``fp4_linear`` by rewrite_gemms.
+GEMM_PATHS = "fp4compile.gemm_paths"

@@ -1,4 +1,4 @@
-"""The pass pipeline: find GEMMs -> find layers -> assign precision -> legalize -> rewrite.
+"""The pass pipeline: find GEMMs -> find layers -> assign precision -> legalize -> choose GEMM paths -> rewrite.
 
 Each pass is a function from graph to graph; the pipeline keeps the code of the graph after each pass (for
 ``fp4compile dump``) and, when asked (tests set ``FP4COMPILE_VERIFY=1``), runs the verifier after each one.
@@ -16,6 +16,7 @@ from ..policy.recipe import Policy
 from ..policy.schedule import FP4_PHASE, Phase
 from .annotate_layers import annotate_layers
 from .assign_precision import assign_precision
+from .choose_gemm_paths import choose_gemm_paths
 from .find_gemms import find_gemm_sites
 from .legalize import legalize_precision
 from .rewrite import rewrite_gemms
@@ -72,8 +73,10 @@ def run_passes(
     policy: Policy,
     phase: Phase = FP4_PHASE,
     verify: bool = False,
+    cudagraphs: bool = False,
 ) -> PassResult:
-    """Run the pipeline on a copy of ``gm``; ``gm`` itself is not modified."""
+    """Run the pipeline on a copy of ``gm``; ``gm`` itself is not modified. ``cudagraphs``: the compiled
+    graphs will be replayed as CUDA graphs (the GEMM paths depend on it)."""
     work = copy_graph_module(gm)
     snapshots = [("input", work.code)]
     passes: list[tuple[str, Callable[[fx.GraphModule], fx.GraphModule]]] = [
@@ -81,6 +84,7 @@ def run_passes(
         ("annotate_layers", annotate_layers),
         ("assign_precision", lambda g: assign_precision(g, policy, phase)),
         ("legalize_precision", legalize_precision),
+        ("choose_gemm_paths", lambda g: choose_gemm_paths(g, cudagraphs)),
     ]
     for name, fn in passes:
         work = fn(work)

@@ -1,7 +1,8 @@
 """Pass: replace every GEMM site with at least one FP4 role by a call to `fp4_linear`.
 
-Reads: ``node.meta[MATCH]``, ``node.meta[SITE]``, ``node.meta[DECISIONS]``, ``"example_value"``. Writes: a new ``fp4_linear`` node
-carrying the old node's meta plus ``node.meta[PRECISION]`` (the encoded `LinearPrecision`); the old node,
+Reads: ``node.meta[MATCH]``, ``node.meta[SITE]``, ``node.meta[DECISIONS]``, ``node.meta[GEMM_PATHS]``,
+``"example_value"``. Writes: a new ``fp4_linear`` node carrying the old node's meta plus ``node.meta[PRECISION]``
+(the encoded `LinearPrecision`) and the encoded `GemmPaths` as its last argument; the old node,
 and a transpose of the weight that only it used, are erased. Sites that stay high precision in all three
 roles are left exactly as the model wrote them.
 """
@@ -13,7 +14,8 @@ import torch.fx as fx
 
 from ..ops.linear import fp4_linear
 from ..policy.precision import LinearPrecision, Role
-from .meta import DECISIONS, MATCH, PRECISION, SITE
+from .choose_gemm_paths import GemmPaths
+from .meta import DECISIONS, GEMM_PATHS, MATCH, PRECISION, SITE
 from .subgraphs import all_graph_modules
 
 __all__ = ["rewrite_gemms"]
@@ -40,7 +42,9 @@ def _rewrite(gm: fx.GraphModule) -> None:
             if match.weight_is_kn:
                 weight = graph.call_function(torch.t, (match.weight,))
             site = node.meta[SITE].module
-            new = graph.call_function(fp4_linear, (match.x, weight, match.bias, precision.encode(), out_dtype, site))
+            paths = node.meta.get(GEMM_PATHS, GemmPaths()).encode()
+            new = graph.call_function(fp4_linear, (match.x, weight, match.bias, precision.encode(), out_dtype, site,
+                                                   paths))
         new.meta = dict(node.meta)
         new.meta[PRECISION] = precision.encode()
         old_inputs = list(node.all_input_nodes)

@@ -1,8 +1,8 @@
 """The graph verifier: structural invariants that must hold after every pass (tests run it after each one).
 
 Checks: FX's own lint (every use defined before it, one output); every `GemmSite` has its `GemmMatch`;
-decisions, where present, cover the three roles with `Decision` objects; every ``fp4_linear`` call has six
-arguments, a decodable precision, a dtype and a 2D weight.
+decisions, where present, cover the three roles with `Decision` objects; every ``fp4_linear`` call has seven
+arguments, a decodable precision, a dtype, a 2D weight and decodable GEMM paths.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch.fx as fx
 
 from ..ops.linear import fp4_linear
 from ..policy.precision import Decision, LinearPrecision, Role
+from .choose_gemm_paths import GemmPaths
 from .meta import DECISIONS, MATCH, PRECISION, SITE
 from .subgraphs import all_graph_modules
 
@@ -46,9 +47,13 @@ def _verify(gm: fx.GraphModule, after: str) -> None:
             if not all(isinstance(d, Decision) and d.reason for d in decisions.values()):
                 _fail(after, node, "every decision needs a precision and a reason")
         if node.op == "call_function" and node.target is fp4_linear:
-            if len(node.args) != 6:
-                _fail(after, node, f"fp4_linear takes 6 arguments, got {len(node.args)}")
-            x, weight, bias, precision, out_dtype, site = node.args
+            if len(node.args) != 7:
+                _fail(after, node, f"fp4_linear takes 7 arguments, got {len(node.args)}")
+            x, weight, bias, precision, out_dtype, site, gemm_paths = node.args
+            try:
+                GemmPaths.decode(gemm_paths)
+            except Exception as exc:
+                _fail(after, node, f"undecodable GEMM paths {gemm_paths!r}: {exc}")
             try:
                 LinearPrecision.decode(precision)
             except Exception as exc:
