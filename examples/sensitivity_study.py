@@ -1,0 +1,176 @@
+"""Measure the convergence study's model with `fp4compile.sensitivity`, build a policy from the report at the
+NV recipe's high-precision FLOP budget, and train it beside the NV recipe and two high-precision controls.
+
+    python examples/sensitivity_study.py --out runs/sensitivity                # the study of docs/sensitivity.md (GPU)
+    python examples/sensitivity_study.py --tiny --steps 20 --out /tmp/sens     # a quick CPU check
+
+The model, data and training loop are examples/convergence.py's: every run starts from the same seed and sees
+the same batches. Runs: high precision twice (the run-to-run spread of the control), the NV recipe (first and
+last block and the output head in high precision) and ``recipes.from_sensitivity`` at the same share of
+linear-layer FLOPs in high precision. Writes under ``--out``: ``sensitivity.json`` / ``sensitivity.html`` (the
+report), ``sensitivity_study.json`` (budget, decisions, losses, curves) and ``sensitivity_study.png``.
+
+    fp4compile sensitivity examples/sensitivity_study.py --tiny --out /tmp/sens   # the measurement alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from convergence import data_splits, model_config, train  # noqa: E402
+from gpt import GPT  # noqa: E402
+from train_gpt import get_batch  # noqa: E402
+
+import fp4compile  # noqa: E402
+from fp4compile import recipes  # noqa: E402
+
+MEASURE_SEED = 4321  # the measurement's batches: drawn apart from the training batches (seed 0 by default)
+
+
+def measurement_batches(cfg, train_data, count: int, batch_size: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(MEASURE_SEED)
+    return [get_batch(train_data, batch_size, cfg.block_size, gen, device) for _ in range(count)]
+
+
+def build_model(cfg, seed: int, device: str) -> torch.nn.Module:
+    """The model as examples/convergence.py's `train` builds it (bf16 parameters on the GPU)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(device)
+    return model.to(torch.bfloat16) if device == "cuda" else model
+
+
+def sensitivity_inputs(argv: list[str]) -> tuple[torch.nn.Module, list]:
+    """``fp4compile sensitivity examples/sensitivity_study.py [--tiny] [--batches N] ...``: the model at
+    initialization and the measurement's batches."""
+    p = argparse.ArgumentParser(prog="sensitivity_study.py:sensitivity_inputs")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = model_config(args.tiny)
+    batch_size = min(args.batch_size, 16) if args.tiny else args.batch_size
+    train_data, _ = data_splits(args.data)
+    return build_model(cfg, args.seed, device), measurement_batches(cfg, train_data, args.batches, batch_size, device)
+
+
+def _plot(results: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    plt.figure(figsize=(8, 5))
+    for name, r in results.items():
+        curve = torch.tensor(r["curve"])
+        k = max(1, len(curve) // 100)
+        smooth = curve.unfold(0, k, k).mean(1) if len(curve) >= k else curve
+        plt.plot(torch.arange(len(smooth)) * k, smooth, label=name, lw=1)
+    plt.xlabel("step"), plt.ylabel("train loss (nats/byte)"), plt.legend(fontsize=8), plt.grid(alpha=0.3)
+    plt.ylim(top=min(3.0, plt.ylim()[1]))
+    plt.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None)
+    p.add_argument("--inner", default=None, help="inner compiler (default: inductor on GPU, aot_eager on CPU)")
+    p.add_argument("--no-cudagraphs", action="store_true")
+    p.add_argument("--measure-batches", type=int, default=None, help="batches the report is measured on "
+                   "(default 4; 1 with --tiny)")
+    p.add_argument("--granularity", default="role", choices=["role", "site"], help="from_sensitivity's unit")
+    p.add_argument("--only", nargs="*", default=None, help="train only these runs (default: all four)")
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/sensitivity"))
+    args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.inner = args.inner or ("inductor" if device == "cuda" else "aot_eager")
+    cfg = model_config(args.tiny)
+    if args.tiny:
+        args.batch_size = min(args.batch_size, 16)
+    measure_batches = args.measure_batches or (1 if args.tiny else 4)
+    splits = data_splits(args.data)
+    os.makedirs(args.out, exist_ok=True)
+    print(f"model {cfg}, {args.steps} steps of {args.batch_size}x{cfg.block_size} bytes, device {device}", flush=True)
+
+    start = time.time()
+    model = build_model(cfg, args.seed, device)
+    report = fp4compile.sensitivity(model, batches=measurement_batches(cfg, splits[0], measure_batches,
+                                                                      args.batch_size, device), out=args.out)
+    measure_seconds = time.time() - start
+    del model
+    nv = recipes.nvfp4()
+    budget = recipes.high_precision_flop_fraction(report, nv)
+    policy = recipes.from_sensitivity(report, budget, granularity=args.granularity)
+    spent = report.high_precision_fraction(policy)
+    print(f"sensitivity measured in {measure_seconds:.0f}s on {measure_batches} batch(es) "
+          f"(noise floor {report.noise_floor:.3g}); NV rule keeps {budget:.2%} of linear FLOPs high, "
+          f"the sensitivity policy {spent:.2%}", flush=True)
+    print("most sensitive site-roles:")
+    for e in report.ranked("role")[:10]:
+        print(f"  {e.rank:3d} {e.module:32s} {e.role:11s} grad error {e.grad_error:.3g}  loss {e.loss_delta_rel:+.3%}")
+    kept = [(r.modules[0], r.roles[0].value) for r in policy.rules if r.precision.is_high]
+    print(f"kept high by the sensitivity policy ({len(kept)} site-roles): "
+          + ", ".join(f"{m} {role}" for m, role in kept), flush=True)
+
+    runs = {
+        "high_precision": recipes.high_precision(),
+        "high_precision_repeat": recipes.high_precision(),
+        "nvfp4": nv,
+        "sensitivity": policy,
+    }
+    results = {}
+    for name, run_policy in runs.items():
+        if args.only and name not in args.only:
+            continue
+        results[name] = train(name, run_policy, None, cfg, splits, args, device)
+        torch._dynamo.reset()
+
+    control = results.get("high_precision")
+    spread = None
+    if control and "high_precision_repeat" in results:
+        spread = abs(results["high_precision_repeat"]["val_loss"] / control["val_loss"] - 1) * 100
+    print(f"\n{'run':22s} {'train':>8s} {'val':>8s} {'val gap vs high':>16s} {'high-precision FLOPs':>21s}")
+    fractions = {"high_precision": 1.0, "high_precision_repeat": 1.0, "nvfp4": budget, "sensitivity": spent}
+    for name, r in results.items():
+        r["val_gap_pct"] = (r["val_loss"] / control["val_loss"] - 1) * 100 if control else float("nan")
+        r["high_precision_flop_fraction"] = fractions[name]
+        print(f"{name:22s} {r['train_loss']:8.4f} {r['val_loss']:8.4f} {r['val_gap_pct']:+15.2f}% "
+              f"{fractions[name]:20.2%}")
+    if spread is not None:
+        print(f"control run-to-run spread (validation): {spread:.2f}%")
+    print(f"total {time.time() - start:.0f}s", flush=True)
+
+    summary = {
+        "args": vars(args), "model": dataclasses.asdict(cfg), "measure_seconds": measure_seconds,
+        "measure_batches": measure_batches, "noise_floor": report.noise_floor, "budget": budget,
+        "sensitivity_policy_fraction": spent, "control_spread_pct": spread,
+        "decisions": [{"module": r.modules[0], "role": r.roles[0].value, "precision": r.precision.precision,
+                       "reason": r.name} for r in policy.rules],
+        "results": results,
+    }
+    with open(os.path.join(args.out, "sensitivity_study.json"), "w") as f:
+        json.dump(summary, f)
+    _plot(results, os.path.join(args.out, "sensitivity_study.png"))
+
+
+if __name__ == "__main__":
+    main()
