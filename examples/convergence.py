@@ -84,7 +84,9 @@ def train(name, policy, counter, cfg, data, args, device):
     compiled = torch.compile(model, backend=backend)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95),
                             fused=device == "cuda")
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
+    # 5% warm-up, at least two steps: OneCycleLR divides by the warm-up length minus one (short CPU checks).
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
+                                                pct_start=max(0.05, 2 / args.steps))
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every policy
     losses, memory_mib = [], []
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -171,8 +171,8 @@ def from_sensitivity(report: "SensitivityReport", budget: float, granularity: st
                 decisions[(e.module, r)] = (HIGH, f"sensitivity: kept high, {where}")
         else:
             for r in members:
-                decisions[(e.module, r)] = (roles[r], f"sensitivity: {roles[r].precision}, {where}; "
-                                                      f"the {budget:.1%} high-precision budget is spent")
+                reason = f"sensitivity: {roles[r].precision}, {where}; the {budget:.1%} high-precision budget is spent"
+                decisions[(e.module, r)] = (roles[r], reason)
     rules = []
     for site in report.sites:
         for role in Role:

@@ -88,7 +88,8 @@ def test_json_round_trip(measured, tmp_path):
     assert SensitivityReport.from_json(report.to_json()) == report
     path = report.save(tmp_path)
     assert load_sensitivity(tmp_path) == report and path == os.path.join(tmp_path, "sensitivity.json")
-    assert "FP4 sensitivity" in open(os.path.join(tmp_path, "sensitivity.html")).read()
+    with open(os.path.join(tmp_path, "sensitivity.html")) as f:
+        assert "FP4 sensitivity" in f.read()
     with pytest.raises(ValueError, match="not an fp4compile sensitivity report"):
         SensitivityReport.from_json(json.dumps({"recipe": "x"}))
 
@@ -142,7 +143,8 @@ def test_compiled_policy_uses_the_reasons(measured, tmp_path):
     expected = {(s.module, r.value): policy.decide(s, r).precision.precision for s in report.sites for r in Role}
     assert {(r.module, r.role): r.precision for r in rows} == expected
     report.save(tmp_path)
-    page = open(os.path.join(tmp_path, "report.html")).read()
+    with open(os.path.join(tmp_path, "report.html")) as f:
+        page = f.read()
     assert "FP4 sensitivity" in page and "Precision table" in page
 
 
@@ -171,8 +173,11 @@ def test_cli_on_a_tiny_script(tmp_path, capsys):
                        "--out", str(out)])
     printed = capsys.readouterr().out
     assert status == 0, printed
-    assert "3 sites, 9 site-roles measured" in printed and "from_sensitivity(budget=30.0%)" in printed
+    assert "3 sites, 8 site-roles measured" in printed and "from_sensitivity(budget=30.0%)" in printed
     report = load_sensitivity(out)
     assert [s.module for s in report.sites] == ["layers.0", "layers.1", "head"]
+    # The first layer's input (the data) needs no gradient: its input-gradient GEMM never runs nor costs.
+    first = report.entry("layers.0", "input_grad")
+    assert not first.measured and "never runs" in first.skipped and first.flops == 0
     assert os.path.isfile(out / "sensitivity.html")
     assert cli_main(["sensitivity", f"{script}:missing", "--out", str(out)]) == 2

@@ -319,9 +319,9 @@ def _describe_sites(order: Sequence[str], modules: Mapping[str, nn.Module],
     return tuple(sites)
 
 
-def _flops(site: GemmSite, role: Role) -> int:
-    if role is Role.WEIGHT_GRAD and not site.trainable:
-        return 0  # the weight-gradient GEMM never runs
+def _flops(site: GemmSite, role: Role, input_needs_grad: bool = True) -> int:
+    if (role is Role.WEIGHT_GRAD and not site.trainable) or (role is Role.INPUT_GRAD and not input_needs_grad):
+        return 0  # the GEMM never runs
     tokens = math.prod(int(s) for s in site.input_shape[:-1])
     return 2 * tokens * site.in_features * site.out_features
 
@@ -333,7 +333,7 @@ _ALL_HIGH = LinearPrecision(HIGH, HIGH, HIGH)
 
 class _SwappedSites:
     """Within ``with``: every site's ``forward`` runs the reference linear in ``self.precisions[name]`` (all
-    high precision unless set), and ``self.observe`` (when set) sees each site's operands."""
+    roles high precision unless set); on exit the modules' own forwards are back."""
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.modules = dict(modules)
@@ -383,6 +383,7 @@ class _OperandProbe:
         self.modules, self.precisions, self.legal = modules, precisions, legal
         self.order: list[str] = []
         self.shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.input_needs_grad: dict[str, bool] = {}
         self.results: dict[str, OperandNumerics] = {}
         self.measure = False
 
@@ -402,6 +403,7 @@ class _OperandProbe:
             return
         self.order.append(name)
         self.shapes[name] = (tuple(x.shape), x.dtype)
+        self.input_needs_grad[name] = x.requires_grad
         if not self.measure:
             return
         with torch.no_grad():
@@ -457,30 +459,27 @@ def _run(model: nn.Module, params: Sequence[nn.Parameter], batch: Any, seed: int
     return _Pass(float(target.detach()), _flat_grad(params))
 
 
-@dataclasses.dataclass
-class _Comparison:
-    loss_delta: float
-    loss_delta_rel: float
-    grad_error: float
-    grad_rel_error: float
-    grad_cosine: float
+_COMPARED = ("loss_delta", "loss_delta_rel", "grad_error", "grad_rel_error", "grad_cosine")
 
 
-def _compare(runs: Sequence[_Pass], refs: Sequence[_Pass], sizes: Sequence[int]) -> _Comparison:
-    acc = collections.defaultdict(float)
-    for run, ref in zip(runs, refs):
-        diff = run.grad - ref.grad
-        diff_tensors = torch.stack([c.square().sum() for c in diff.split(sizes)]).sqrt()
-        ref_tensors = torch.stack([c.square().sum() for c in ref.grad.split(sizes)]).sqrt()
-        nonzero = ref_tensors > 0
-        acc["grad_error"] += float((diff_tensors[nonzero] / ref_tensors[nonzero]).mean()) if bool(nonzero.any()) else 0.0
-        ref_norm, run_norm = float(ref.grad.norm()), float(run.grad.norm())
-        acc["grad_rel_error"] += float(diff.norm()) / ref_norm if ref_norm else 0.0
-        acc["grad_cosine"] += float(run.grad @ ref.grad) / (run_norm * ref_norm) if run_norm and ref_norm else 1.0
-        acc["loss_delta"] += run.loss - ref.loss
-        acc["loss_delta_rel"] += (run.loss - ref.loss) / abs(ref.loss) if ref.loss else 0.0
-    n = len(refs)
-    return _Comparison(**{k: v / n for k, v in acc.items()})
+def _compare(run: _Pass, ref: _Pass, sizes: Sequence[int]) -> dict[str, float]:
+    """The measured quantities of one batch (module docstring)."""
+    diff = run.grad - ref.grad
+    diff_tensors = torch.stack([c.square().sum() for c in diff.split(sizes)]).sqrt()
+    ref_tensors = torch.stack([c.square().sum() for c in ref.grad.split(sizes)]).sqrt()
+    nonzero = ref_tensors > 0
+    ref_norm, run_norm = float(ref.grad.norm()), float(run.grad.norm())
+    return {
+        "loss_delta": run.loss - ref.loss,
+        "loss_delta_rel": (run.loss - ref.loss) / abs(ref.loss) if ref.loss else 0.0,
+        "grad_error": float((diff_tensors[nonzero] / ref_tensors[nonzero]).mean()) if bool(nonzero.any()) else 0.0,
+        "grad_rel_error": float(diff.norm()) / ref_norm if ref_norm else 0.0,
+        "grad_cosine": float(run.grad @ ref.grad) / (run_norm * ref_norm) if run_norm and ref_norm else 1.0,
+    }
+
+
+def _mean(comparisons: Sequence[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(c[k] for c in comparisons) / len(comparisons) for k in _COMPARED}
 
 
 def _parts(sites: Sequence[GemmSite], blocks: bool, per_site: bool) -> Iterator[tuple[str, str, str, Optional[int], list[tuple[str, Role]]]]:
@@ -501,6 +500,15 @@ def _parts(sites: Sequence[GemmSite], blocks: bool, per_site: bool) -> Iterator[
             yield (Scope.BLOCK.value, f"{stack}.{layer}", ALL_ROLES, layer,
                    [(s.module, r) for s in members for r in Role])
     yield Scope.MODEL.value, "", ALL_ROLES, None, [(s.module, r) for s in sites for r in Role]
+
+
+def _unmeasurable(site: GemmSite, role: Role, precision: GemmPrecision, input_needs_grad: bool) -> str:
+    """Why ``site`` cannot run ``role`` in ``precision`` (the compiler's legalize rules), or ""."""
+    if role is Role.WEIGHT_GRAD and not site.trainable:
+        return "the weight is frozen: its weight-gradient GEMM never runs"
+    if role is Role.INPUT_GRAD and not input_needs_grad:
+        return "the input needs no gradient: the input-gradient GEMM never runs"
+    return illegal_reason(site, role, precision) or ""
 
 
 def _precision(fp4: Sequence[tuple[str, Role]], name: str, precisions: Mapping[Role, GemmPrecision],
@@ -604,8 +612,10 @@ def sensitivity(model: nn.Module, *inputs: Any, batches: Optional[Sequence[Any]]
                 logger.info("fp4compile sensitivity: %d module(s) not called by the model are not sites: %s",
                             len(unused), ", ".join(unused))
             sites = _describe_sites(order, modules, probe.shapes)
-            legal = {(s.module, r): illegal_reason(s, r, precisions[r]) is None for s in sites for r in Role}
-            skipped_reason = {(s.module, r): illegal_reason(s, r, precisions[r]) or "" for s in sites for r in Role}
+            needs_grad = probe.input_needs_grad
+            skipped_reason = {(s.module, r): _unmeasurable(s, r, precisions[r], needs_grad[s.module])
+                              for s in sites for r in Role}
+            legal = {key: not why for key, why in skipped_reason.items()}
             probe = _OperandProbe({s.module: modules[s.module] for s in sites}, precisions, legal)
             probe.measure = True
             handles = probe.install()
@@ -615,8 +625,8 @@ def sensitivity(model: nn.Module, *inputs: Any, batches: Optional[Sequence[Any]]
                 for h in handles:
                     h.remove()
             refs += [_run(model, params, b, seed + i) for i, b in enumerate(batch_list[1:], start=1)]
-            repeat = [_run(model, params, b, seed + i) for i, b in enumerate(batch_list)]
-            noise_floor = _compare(repeat, refs, sizes).grad_error
+            noise_floor = _mean([_compare(_run(model, params, b, seed + i), refs[i], sizes)
+                                 for i, b in enumerate(batch_list)])["grad_error"]
 
             parts = list(_parts(sites, blocks, per_site))
             entries: list[Sensitivity] = []
@@ -627,7 +637,7 @@ def sensitivity(model: nn.Module, *inputs: Any, batches: Optional[Sequence[Any]]
                        disable=not progress)
             try:
                 for scope, module, role, layer, fp4 in parts:
-                    flops = sum(_flops(site_of[n], r) for n, r in fp4)
+                    flops = sum(_flops(site_of[n], r, needs_grad[n]) for n, r in fp4)
                     wanted = [(n, r) for n, r in fp4 if not precisions[r].is_high]
                     runnable = [(n, r) for n, r in wanted if legal[(n, r)]]
                     if not runnable:
@@ -637,17 +647,16 @@ def sensitivity(model: nn.Module, *inputs: Any, batches: Optional[Sequence[Any]]
                         bar.update(len(batch_list))
                         continue
                     swap.precisions = {n: _precision(runnable, n, precisions, legal) for n in {n for n, _ in runnable}}
-                    runs = []
+                    comparisons = []
                     for i, b in enumerate(batch_list):
-                        runs.append(_run(model, params, b, seed + i))
+                        comparisons.append(_compare(_run(model, params, b, seed + i), refs[i], sizes))
                         bar.update(1)
                     swap.precisions = {}
-                    c = _compare(runs, refs, sizes)
+                    c = _mean(comparisons)
                     lhs = probe.results.get(f"{module}:{role}:lhs") if scope == Scope.ROLE.value else None
                     rhs = probe.results.get(f"{module}:{role}:rhs") if scope == Scope.ROLE.value else None
-                    entries.append(Sensitivity(
-                        scope, module, role, layer, flops, c.loss_delta, c.loss_delta_rel, c.grad_error,
-                        c.grad_rel_error, c.grad_cosine, lhs.sqnr_db if lhs else None, rhs.sqnr_db if rhs else None))
+                    entries.append(Sensitivity(scope, module, role, layer, flops, **c, sqnr_lhs_db=lhs.sqnr_db if lhs else None,
+                                               sqnr_rhs_db=rhs.sqnr_db if rhs else None))
             finally:
                 bar.close()
     finally:
