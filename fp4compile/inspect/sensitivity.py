@@ -48,6 +48,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..numerics.api import quantize
 from ..passes.annotate_layers import block_index
@@ -511,10 +512,53 @@ def _unmeasurable(site: GemmSite, role: Role, precision: GemmPrecision, input_ne
     return illegal_reason(site, role, precision) or ""
 
 
-def _precision(fp4: Sequence[tuple[str, Role]], name: str, precisions: Mapping[Role, GemmPrecision],
-               legal: Mapping[tuple[str, Role], bool]) -> LinearPrecision:
-    chosen = {role: precisions[role] for (n, role) in fp4 if n == name and legal[(n, role)]}
+def _precision(fp4: Sequence[tuple[str, Role]], name: str, precisions: Mapping[Role, GemmPrecision]) -> LinearPrecision:
+    """The roles of site ``name`` listed in ``fp4`` in their recipe precision, the others high."""
+    chosen = {role: precisions[role] for (n, role) in fp4 if n == name}
     return LinearPrecision(*(chosen.get(r, HIGH) for r in Role))
+
+
+def _discover(model: nn.Module, params: Sequence[nn.Parameter], modules: Mapping[str, nn.Module],
+              precisions: Mapping[Role, GemmPrecision], batch: Any, seed: int) -> tuple[tuple[GemmSite, ...], dict[str, bool]]:
+    """One high-precision pass: the sites in call order with their shapes, and whether each one's input
+    needs a gradient."""
+    probe = _OperandProbe(modules, precisions, legal={})
+    handles = probe.install()
+    try:
+        _run(model, params, batch, seed)
+    finally:
+        for h in handles:
+            h.remove()
+    unused = sorted(set(modules) - set(probe.order))
+    if unused:
+        logger.info("fp4compile sensitivity: %d module(s) not called by the model are not sites: %s",
+                    len(unused), ", ".join(unused))
+    return _describe_sites(probe.order, modules, probe.shapes), probe.input_needs_grad
+
+
+def _reference(model: nn.Module, params: Sequence[nn.Parameter], sizes: Sequence[int], batches: Sequence[Any],
+               seed: int, probe: _OperandProbe) -> tuple[list[_Pass], float]:
+    """The high-precision passes (the first one measures the operands' numerics) and the noise floor."""
+    probe.measure = True
+    handles = probe.install()
+    try:
+        refs = [_run(model, params, batches[0], seed)]
+    finally:
+        for h in handles:
+            h.remove()
+    refs += [_run(model, params, b, seed + i) for i, b in enumerate(batches[1:], start=1)]
+    repeat = [_compare(_run(model, params, b, seed + i), refs[i], sizes) for i, b in enumerate(batches)]
+    return refs, _mean(repeat)["grad_error"]
+
+
+def _measure(model: nn.Module, params: Sequence[nn.Parameter], sizes: Sequence[int], batches: Sequence[Any],
+             seed: int, refs: Sequence[_Pass], bar: Any) -> dict[str, float]:
+    """Every batch with the swapped sites' current precisions, against the high-precision passes."""
+    comparisons = []
+    for i, b in enumerate(batches):
+        comparisons.append(_compare(_run(model, params, b, seed + i), refs[i], sizes))
+        bar.update(1)
+    return _mean(comparisons)
 
 
 def _rank(entries: list[Sensitivity], metric: str) -> list[Sensitivity]:
@@ -598,67 +642,36 @@ def sensitivity(model: nn.Module, *inputs: Any, batches: Optional[Sequence[Any]]
 
     try:
         with _SwappedSites(modules) as swap:
-            # The first pass finds the sites in call order, their shapes and the operand numerics.
-            probe = _OperandProbe(modules, precisions, legal={})
-            handles = probe.install()
-            try:
-                _run(model, params, batch_list[0], seed)
-            finally:
-                for h in handles:
-                    h.remove()
-            order = probe.order
-            unused = sorted(set(modules) - set(order))
-            if unused:
-                logger.info("fp4compile sensitivity: %d module(s) not called by the model are not sites: %s",
-                            len(unused), ", ".join(unused))
-            sites = _describe_sites(order, modules, probe.shapes)
-            needs_grad = probe.input_needs_grad
+            sites, needs_grad = _discover(model, params, modules, precisions, batch_list[0], seed)
             skipped_reason = {(s.module, r): _unmeasurable(s, r, precisions[r], needs_grad[s.module])
                               for s in sites for r in Role}
             legal = {key: not why for key, why in skipped_reason.items()}
             probe = _OperandProbe({s.module: modules[s.module] for s in sites}, precisions, legal)
-            probe.measure = True
-            handles = probe.install()
-            try:
-                refs = [_run(model, params, batch_list[0], seed)]
-            finally:
-                for h in handles:
-                    h.remove()
-            refs += [_run(model, params, b, seed + i) for i, b in enumerate(batch_list[1:], start=1)]
-            noise_floor = _mean([_compare(_run(model, params, b, seed + i), refs[i], sizes)
-                                 for i, b in enumerate(batch_list)])["grad_error"]
+            refs, noise_floor = _reference(model, params, sizes, batch_list, seed, probe)
 
             parts = list(_parts(sites, blocks, per_site))
-            entries: list[Sensitivity] = []
             site_of = {s.module: s for s in sites}
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(parts) * len(batch_list), desc="fp4compile sensitivity", unit="pass",
-                       disable=not progress)
-            try:
+            entries: list[Sensitivity] = []
+            with tqdm(total=len(parts) * len(batch_list), desc="fp4compile sensitivity", unit="pass",
+                      disable=not progress) as bar:
                 for scope, module, role, layer, fp4 in parts:
                     flops = sum(_flops(site_of[n], r, needs_grad[n]) for n, r in fp4)
                     wanted = [(n, r) for n, r in fp4 if not precisions[r].is_high]
                     runnable = [(n, r) for n, r in wanted if legal[(n, r)]]
                     if not runnable:
-                        why = "; ".join(sorted({skipped_reason[k] for k in wanted if skipped_reason[k]})) or \
-                            f"recipe {recipe.name} runs {role} in high precision"
-                        entries.append(Sensitivity(scope, module, role, layer, flops, skipped=why))
+                        why = "; ".join(sorted({skipped_reason[k] for k in wanted if skipped_reason[k]}))
+                        entries.append(Sensitivity(scope, module, role, layer, flops, skipped=why or
+                                                   f"recipe {recipe.name} runs {role} in high precision"))
                         bar.update(len(batch_list))
                         continue
-                    swap.precisions = {n: _precision(runnable, n, precisions, legal) for n in {n for n, _ in runnable}}
-                    comparisons = []
-                    for i, b in enumerate(batch_list):
-                        comparisons.append(_compare(_run(model, params, b, seed + i), refs[i], sizes))
-                        bar.update(1)
+                    swap.precisions = {n: _precision(runnable, n, precisions) for n, _ in runnable}
+                    measured = _measure(model, params, sizes, batch_list, seed, refs, bar)
                     swap.precisions = {}
-                    c = _mean(comparisons)
-                    lhs = probe.results.get(f"{module}:{role}:lhs") if scope == Scope.ROLE.value else None
-                    rhs = probe.results.get(f"{module}:{role}:rhs") if scope == Scope.ROLE.value else None
-                    entries.append(Sensitivity(scope, module, role, layer, flops, **c, sqnr_lhs_db=lhs.sqnr_db if lhs else None,
+                    lhs, rhs = (probe.results.get(f"{module}:{role}:{op}") if scope == Scope.ROLE.value else None
+                                for op in ("lhs", "rhs"))
+                    entries.append(Sensitivity(scope, module, role, layer, flops, **measured,
+                                               sqnr_lhs_db=lhs.sqnr_db if lhs else None,
                                                sqnr_rhs_db=rhs.sqnr_db if rhs else None))
-            finally:
-                bar.close()
     finally:
         for p, g in zip(params, saved_grads):
             p.grad = g
