@@ -181,3 +181,25 @@ def test_cli_on_a_tiny_script(tmp_path, capsys):
     assert not first.measured and "never runs" in first.skipped and first.flops == 0
     assert os.path.isfile(out / "sensitivity.html")
     assert cli_main(["sensitivity", f"{script}:missing", "--out", str(out)]) == 2
+
+
+def test_conv1d_sites_measure_as_their_linear_twin():
+    """GPT-2's Conv1D (weight stored (in, out)) is a site like nn.Linear: the same weights give the same report."""
+    torch.manual_seed(0)
+    conv, linear = GPT(n_layer=1, block_size=16, conv1d=True), GPT(n_layer=1, block_size=16)
+    with torch.no_grad():
+        for (name, a), (_, b) in zip(conv.named_modules(), linear.named_modules()):
+            if type(a).__name__ == "Conv1D":
+                b.weight.copy_(a.weight.t())
+                b.bias.copy_(a.bias)
+            elif isinstance(a, (torch.nn.LayerNorm, torch.nn.Embedding)):
+                b.load_state_dict(a.state_dict())
+    inputs = batch(t=16)
+    with torch.no_grad():
+        assert float(conv(*inputs)) == pytest.approx(float(linear(*inputs)), rel=1e-5)
+    reports = [fp4compile.sensitivity(m, *inputs, blocks=False, per_site=False, progress=False) for m in (conv, linear)]
+    assert [s.module for s in reports[0].sites] == [s.module for s in reports[1].sites]
+    assert [(s.in_features, s.out_features) for s in reports[0].sites] == [(32, 96), (32, 32), (32, 128), (128, 32), (32, 64)]
+    for a, b in zip(reports[0].entries, reports[1].entries):
+        assert (a.module, a.role, a.flops) == (b.module, b.role, b.flops)
+        assert a.grad_error == pytest.approx(b.grad_error, rel=1e-3, abs=1e-6), (a.module, a.role)
