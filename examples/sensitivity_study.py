@@ -5,7 +5,8 @@ NV recipe's high-precision FLOP budget, and train it beside the NV recipe and tw
     python examples/sensitivity_study.py --tiny --steps 20 --out /tmp/sens     # a quick CPU check
 
 The model, data and training loop are examples/convergence.py's: every run starts from the same seed and sees
-the same batches. Runs: high precision twice (the run-to-run spread of the control), the NV recipe (first and
+the same batches. The report is measured on a copy of the model trained eagerly in high precision for the first
+10% of the steps (``--measure-after``), on batches drawn apart from the training ones. Runs: high precision twice (the run-to-run spread of the control), the NV recipe (first and
 last block and the output head in high precision) and ``recipes.from_sensitivity`` at the same share of
 linear-layer FLOPs in high precision. Writes under ``--out``: ``sensitivity.json`` / ``sensitivity.html`` (the
 report), ``sensitivity_study.json`` (budget, decisions, losses, curves) and ``sensitivity_study.png``.
@@ -45,6 +46,22 @@ def build_model(cfg, seed: int, device: str) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
     return model.to(torch.bfloat16) if device == "cuda" else model
+
+
+def warm_up(model: torch.nn.Module, cfg, train_data, args, device: str, steps: int) -> None:
+    """Train ``model`` eagerly in high precision for the first ``steps`` steps of the study's schedule
+    (examples/convergence.py's optimizer, learning-rate schedule and batches): the model a user would measure
+    a little way into training, when the output head has begun to matter."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
+                                                pct_start=max(0.05, 2 / args.steps))
+    gen = torch.Generator().manual_seed(args.seed)
+    for _ in range(steps):
+        model(*get_batch(train_data, args.batch_size, cfg.block_size, gen, device)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
 
 
 def sensitivity_inputs(argv: list[str]) -> tuple[torch.nn.Module, list]:
@@ -111,6 +128,8 @@ def main() -> None:
     p.add_argument("--no-cudagraphs", action="store_true")
     p.add_argument("--measure-batches", type=int, default=None, help="batches the report is measured on "
                    "(default 4; 1 with --tiny)")
+    p.add_argument("--measure-after", type=int, default=None, help="train this many steps in high precision "
+                   "(eagerly, the study's schedule) before measuring (default: 10%% of --steps)")
     p.add_argument("--granularity", default="role", choices=["role", "site"], help="from_sensitivity's unit")
     p.add_argument("--only", nargs="*", default=None, help="train only these runs (default: all four)")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/sensitivity"))
@@ -125,8 +144,10 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     print(f"model {cfg}, {args.steps} steps of {args.batch_size}x{cfg.block_size} bytes, device {device}", flush=True)
 
+    measure_after = int(0.1 * args.steps) if args.measure_after is None else args.measure_after
     start = time.time()
     model = build_model(cfg, args.seed, device)
+    warm_up(model, cfg, splits[0], args, device, measure_after)
     report = fp4compile.sensitivity(model, batches=measurement_batches(cfg, splits[0], measure_batches,
                                                                       args.batch_size, device), out=args.out)
     measure_seconds = time.time() - start
@@ -135,7 +156,8 @@ def main() -> None:
     budget = recipes.high_precision_flop_fraction(report, nv)
     policy = recipes.from_sensitivity(report, budget, granularity=args.granularity)
     spent = report.high_precision_fraction(policy)
-    print(f"sensitivity measured in {measure_seconds:.0f}s on {measure_batches} batch(es) "
+    print(f"sensitivity measured after {measure_after} high-precision steps on {measure_batches} batch(es) "
+          f"({measure_seconds:.0f}s with the warm-up) "
           f"(noise floor {report.noise_floor:.3g}); NV rule keeps {budget:.2%} of linear FLOPs high, "
           f"the sensitivity policy {spent:.2%}", flush=True)
     print("most sensitive site-roles:")
@@ -177,7 +199,7 @@ def main() -> None:
 
     summary = {
         "args": vars(args), "model": dataclasses.asdict(cfg), "measure_seconds": measure_seconds,
-        "measure_batches": measure_batches, "noise_floor": report.noise_floor, "budget": budget,
+        "measure_batches": measure_batches, "measure_after": measure_after, "noise_floor": report.noise_floor, "budget": budget,
         "sensitivity_policy_fraction": spent, "control_spread_pct": spread,
         "decisions": [{"module": r.modules[0], "role": r.roles[0].value, "precision": r.precision.precision,
                        "reason": r.name} for r in policy.rules],
@@ -185,7 +207,8 @@ def main() -> None:
     }
     with open(os.path.join(args.out, "sensitivity_study.json"), "w") as f:
         json.dump(summary, f)
-    _plot(results, os.path.join(args.out, "sensitivity_study.png"))
+    if results:
+        _plot(results, os.path.join(args.out, "sensitivity_study.png"))
 
 
 if __name__ == "__main__":
