@@ -203,3 +203,15 @@ def test_conv1d_sites_measure_as_their_linear_twin():
     for a, b in zip(reports[0].entries, reports[1].entries):
         assert (a.module, a.role, a.flops) == (b.module, b.role, b.flops)
         assert a.grad_error == pytest.approx(b.grad_error, rel=1e-3, abs=1e-6), (a.module, a.role)
+
+
+def test_study_script_imports_the_convergence_study():
+    """examples/sensitivity_study.py builds on examples/convergence.py by import; its CPU run
+    (``--tiny --steps 20``) takes minutes, so CI only checks that it loads."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "sensitivity_study.py")
+    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--measure-after" in out.stdout and "--granularity" in out.stdout
