@@ -3,6 +3,7 @@ NV recipe's high-precision FLOP budget, and train it beside the NV recipe and tw
 
     python examples/sensitivity_study.py --out runs/sensitivity                # the study of docs/sensitivity.md (GPU)
     python examples/sensitivity_study.py --tiny --steps 20 --out /tmp/sens     # a quick CPU check
+    python examples/sensitivity_study.py --gpt2 --steps 300 --out runs/sens_gpt2   # GPT-2 small (GPU)
 
 The model, data and training loop are examples/convergence.py's: every run starts from the same seed and sees
 the same batches. The report is measured on a copy of the model trained eagerly in high precision for the first
@@ -27,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from convergence import data_splits, model_config, train  # noqa: E402
-from gpt import GPT  # noqa: E402
+from gpt import GPT, GPTConfig  # noqa: E402
 from train_gpt import get_batch  # noqa: E402
 
 import fp4compile  # noqa: E402
@@ -39,6 +40,14 @@ MEASURE_SEED = 4321  # the measurement's batches: drawn apart from the training 
 def measurement_batches(cfg, train_data, count: int, batch_size: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(MEASURE_SEED)
     return [get_batch(train_data, batch_size, cfg.block_size, gen, device) for _ in range(count)]
+
+
+def study_config(tiny: bool, gpt2: bool) -> tuple[GPTConfig, int, float]:
+    """The model, its default batch size and learning rate: the convergence study's (examples/convergence.py),
+    its CPU-sized one, or GPT-2 small as examples/train_gpt.py trains it (byte-level, T=1024)."""
+    if gpt2:
+        return GPTConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768), 8, 6e-4
+    return model_config(tiny), 16 if tiny else 64, 2e-3
 
 
 def build_model(cfg, seed: int, device: str) -> torch.nn.Module:
@@ -69,16 +78,17 @@ def sensitivity_inputs(argv: list[str]) -> tuple[torch.nn.Module, list]:
     initialization and the measurement's batches."""
     p = argparse.ArgumentParser(prog="sensitivity_study.py:sensitivity_inputs")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gpt2", action="store_true", help="GPT-2 small (12 layers, width 768, T=1024)")
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None)
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = model_config(args.tiny)
-    batch_size = min(args.batch_size, 16) if args.tiny else args.batch_size
+    cfg, batch_size, _ = study_config(args.tiny, args.gpt2)
     train_data, _ = data_splits(args.data)
-    return build_model(cfg, args.seed, device), measurement_batches(cfg, train_data, args.batches, batch_size, device)
+    return build_model(cfg, args.seed, device), measurement_batches(cfg, train_data, args.batches,
+                                                                    args.batch_size or batch_size, device)
 
 
 def _smooth(curve: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,9 +128,11 @@ def _plot(results: dict, path: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--gpt2", action="store_true", help="GPT-2 small (12 layers, width 768, T=1024, batch 8) instead "
+                   "of the convergence study's model")
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (16 with --tiny, 8 with --gpt2)")
+    p.add_argument("--lr", type=float, default=None, help="default 2e-3 (6e-4 with --gpt2)")
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None)
@@ -136,9 +148,8 @@ def main() -> None:
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.inner = args.inner or ("inductor" if device == "cuda" else "aot_eager")
-    cfg = model_config(args.tiny)
-    if args.tiny:
-        args.batch_size = min(args.batch_size, 16)
+    cfg, batch_size, lr = study_config(args.tiny, args.gpt2)
+    args.batch_size, args.lr = args.batch_size or batch_size, args.lr or lr
     measure_batches = args.measure_batches or (1 if args.tiny else 4)
     splits = data_splits(args.data)
     os.makedirs(args.out, exist_ok=True)
