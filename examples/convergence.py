@@ -59,6 +59,20 @@ def policies(steps: int) -> dict[str, tuple[object, object]]:
     }
 
 
+def model_config(tiny: bool) -> GPTConfig:
+    """The study's model (6 layers, width 384, T=256), or a CPU-sized one."""
+    if tiny:
+        return GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=64)
+    return GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384)
+
+
+def data_splits(path: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The study's bytes: 90% for training, the last 10% held out for validation."""
+    data = load_bytes(path, limit=20_000_000)
+    split = int(0.9 * len(data))
+    return data[:split], data[split:]
+
+
 def train(name, policy, counter, cfg, data, args, device):
     train_data, val_data = data
     torch.manual_seed(args.seed)
@@ -70,7 +84,9 @@ def train(name, policy, counter, cfg, data, args, device):
     compiled = torch.compile(model, backend=backend)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95),
                             fused=device == "cuda")
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
+    # 5% warm-up, at least two steps: OneCycleLR divides by the warm-up length minus one (short CPU checks).
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
+                                                pct_start=max(0.05, 2 / args.steps))
     gen = torch.Generator().manual_seed(args.seed)  # the same batches for every policy
     losses, memory_mib = [], []
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -123,13 +139,10 @@ def main() -> None:
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.inner = args.inner or ("inductor" if device == "cuda" else "aot_eager")
-    cfg = GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=64) if args.tiny else \
-        GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384)
+    cfg = model_config(args.tiny)
     if args.tiny:
         args.batch_size = min(args.batch_size, 16)
-    data = load_bytes(args.data, limit=20_000_000)
-    split = int(0.9 * len(data))
-    splits = (data[:split], data[split:])
+    splits = data_splits(args.data)
     print(f"model {cfg}, {args.steps} steps of {args.batch_size}x{cfg.block_size} bytes, device {device}")
     results = {}
     for name, (policy, counter) in policies(args.steps).items():

@@ -7,6 +7,7 @@ role from a policy, rewrites the chosen GEMMs into quantized ops and hands the r
 from . import monitor, recipes, schedules
 from .capture import Fp4Backend, backend
 from .inspect.dump import dump
+from .inspect.sensitivity import SensitivityReport, sensitivity
 from .numerics import (
     MXFP4,
     NVFP4,
@@ -35,6 +36,8 @@ __all__ = [
     "backend",
     "Fp4Backend",
     "dump",
+    "sensitivity",
+    "SensitivityReport",
     "recipes",
     "schedules",
     "monitor",

@@ -4,6 +4,13 @@
     fp4compile dump show <dir>                              the precision table with the step's numerics
     fp4compile dump diff <dirA> <dirB>                      what differs between two dumps (exit 1 if decisions do)
     fp4compile dump report <dir>                            (re)write <dir>/report.html
+    fp4compile sensitivity [options] <file.py[:fn] | module:fn> [args...] --out <dir>
+                                                            measure what FP4 costs per site and role
+
+``sensitivity`` calls ``fn`` (default ``sensitivity_inputs``) of the file or module with the arguments after it
+(as a list of strings, when ``fn`` takes a parameter); ``fn`` returns ``(model, batches)``, or a mapping with
+``"model"`` and ``"batches"`` (each batch a tuple of positional inputs or a mapping of keyword inputs). Its
+options come before the file; like ``dump run`` it also takes the last ``--out`` on the line as its own.
 
 ``dump run`` takes the *last* ``--out <dir>`` (or ``--out=<dir>``) on the line as its own, so a script's own
 ``--out`` may come earlier; or put the script after ``--``: ``fp4compile dump run --out d -- train.py --out x``.
@@ -12,12 +19,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
+import inspect
 import os
 import subprocess
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-__all__ = ["main", "split_run_args"]
+__all__ = ["main", "split_run_args", "load_target"]
 
 
 def split_run_args(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
@@ -135,6 +145,90 @@ def _diff(a: str, b: str, sqnr_tolerance: float) -> int:
     return 1 if d.has_decision_differences else 0
 
 
+DEFAULT_TARGET = "sensitivity_inputs"
+
+
+def load_target(spec: str, argv: Sequence[str] = ()) -> tuple[Any, list[Any]]:
+    """``(model, batches)`` from ``file.py[:fn]`` or ``package.module:fn`` (see the module docstring)."""
+    where, _, name = spec.partition(":") if not os.path.isfile(spec) else (spec, "", "")
+    name = name or DEFAULT_TARGET
+    if where.endswith(".py") or os.path.isfile(where):
+        if not os.path.isfile(where):
+            raise ValueError(f"no such file: {where}")
+        folder = os.path.dirname(os.path.abspath(where))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)  # the file's own imports of its neighbours, as when run as a script
+        module_spec = importlib.util.spec_from_file_location(f"_fp4compile_target_{abs(hash(where))}", where)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ValueError(f"cannot import {where!r} (expected file.py[:fn] or package.module:fn): {exc}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{where} has no function {name!r}: give it as {where}:<function returning (model, batches)>")
+    takes_argv = bool(inspect.signature(fn).parameters)
+    if argv and not takes_argv:
+        raise ValueError(f"{where}:{name} takes no arguments, but {' '.join(argv)} was given")
+    result = fn(list(argv)) if takes_argv else fn()
+    if isinstance(result, dict):
+        result = (result.get("model"), result.get("batches"))
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        raise ValueError(f"{where}:{name} must return (model, batches) or {{'model': ..., 'batches': ...}}, "
+                         f"got {type(result).__name__}")
+    model, batches = result
+    return model, list(batches)
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    import fp4compile
+    from fp4compile import recipes
+
+    out, rest = split_run_args(args.rest)
+    out = args.out or out
+    if not rest:
+        print("usage: fp4compile sensitivity [options] <file.py[:fn] | module:fn> [args...] [--out <dir>]",
+              file=sys.stderr)
+        return 2
+    model, batches = load_target(rest[0], rest[1:])
+    if args.batches:
+        batches = batches[: args.batches]
+    recipe = getattr(recipes, args.recipe)()
+    if out and args.dump:
+        if not isinstance(batches[0], (tuple, list)):
+            raise ValueError("--dump needs batches of positional inputs")
+        fp4compile.dump(model, *batches[0], out=out, policy=recipe, onnx=False)
+    report = fp4compile.sensitivity(model, batches=batches, recipe=recipe, metric=args.metric,
+                                    blocks=not args.no_blocks, per_site=not args.no_sites, seed=args.seed,
+                                    progress=not args.no_progress, out=out)
+    ranked = report.ranked("role")
+    print(f"fp4compile sensitivity: {len(report.sites)} sites, {len(ranked)} site-roles measured on "
+          f"{report.batches} batch(es), recipe {report.recipe}; high-precision loss {report.loss:.4f}, "
+          f"noise floor {report.noise_floor:.3g}; most sensitive first ({report.metric}):")
+    print(f"{'rank':>4}  {'module':40s} {'role':11s} {'layer':>5s} {'FLOPs':>7s} {'grad err':>9s} {'cosine':>8s} "
+          f"{'loss':>8s} {'SQNR lhs':>8s} {'SQNR rhs':>8s}")
+    total = report.total_flops or 1
+    for e in ranked[: args.top]:
+        print(f"{e.rank:4d}  {e.module:40s} {e.role:11s} {'-' if e.layer is None else e.layer:>5} "
+              f"{e.flops / total:7.2%} {e.grad_error:9.3g} {e.grad_cosine:8.5f} {e.loss_delta_rel:+8.3%} "
+              f"{_fmt(e.sqnr_lhs_db, '8.1f'):>8s} {_fmt(e.sqnr_rhs_db, '8.1f'):>8s}")
+    for e in report.ranked("block"):
+        print(f"block {e.module} (all sites, all roles): grad error {e.grad_error:.3g}, loss {e.loss_delta_rel:+.3%}")
+    if args.budget is not None:
+        budget = recipes.high_precision_flop_fraction(report) if args.budget == "nv" else float(args.budget)
+        policy = recipes.from_sensitivity(report, budget)
+        kept = [r for r in policy.rules if r.precision.is_high]
+        print(f"from_sensitivity(budget={budget:.1%}) keeps {len(kept)} site-roles in high precision "
+              f"({report.high_precision_fraction(policy):.1%} of linear FLOPs):")
+        for r in kept:
+            print(f"  {r.modules[0]} {r.roles[0].value}: {r.name}")
+    if out:
+        print(f"fp4compile: sensitivity written to {out} (sensitivity.json, sensitivity.html)")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fp4compile", description="fp4compile: inspect what the fp4 backend did.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -152,6 +246,24 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--sqnr-tolerance", type=float, default=0.1, help="list SQNR changes above this (dB)")
     report = dsub.add_parser("report", help="(re)write report.html of a dump")
     report.add_argument("dir")
+    sens = sub.add_parser("sensitivity", help="measure what FP4 costs at every site and role of a model: "
+                          "sensitivity [options] <file.py[:fn] | module:fn> [args...] --out <dir>")
+    sens.add_argument("--out", default=None, help="folder for sensitivity.json/.html (a dump's folder or a new one)")
+    sens.add_argument("--recipe", default="nvfp4", choices=["nvfp4", "mxfp4", "fp4_all_the_way"],
+                      help="the recipe whose role precisions are measured")
+    sens.add_argument("--metric", default="grad_error", choices=["grad_error", "grad_rel_error", "grad_cosine",
+                                                                 "loss_delta"])
+    sens.add_argument("--batches", type=int, default=0, help="use only the first N batches fn returns")
+    sens.add_argument("--seed", type=int, default=0)
+    sens.add_argument("--top", type=int, default=20, help="print the N most sensitive site-roles")
+    sens.add_argument("--budget", default=None, help="also print from_sensitivity's choice within this fraction of "
+                      "linear FLOPs ('nv': the NV recipe's first-and-last-block share)")
+    sens.add_argument("--dump", action="store_true", help="also dump one compiled step into --out (the report gets "
+                      "the sensitivity section)")
+    sens.add_argument("--no-blocks", action="store_true", help="skip the per-block measurements")
+    sens.add_argument("--no-sites", action="store_true", help="skip the per-site (all roles) measurements")
+    sens.add_argument("--no-progress", action="store_true")
+    sens.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -162,6 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(argv[2:])
     args = _parser().parse_args(argv)
     try:
+        if args.command == "sensitivity":
+            return _sensitivity(args)
         if args.action == "show":
             return _show(args.dir, args.fp4_only)
         if args.action == "diff":

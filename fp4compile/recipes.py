@@ -6,14 +6,19 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import glob
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .numerics.formats import MXFP4, NVFP4, Fp4Format
 from .policy.precision import HIGH, GemmPrecision, OperandPrecision, Role
 from .policy.recipe import Recipe, Rule, high_precision_rules
 from .policy.schedule import PhaseSource
 
-__all__ = ["nvfp4", "fp4_all_the_way", "mxfp4", "high_precision", "nv_recipe_precisions"]
+if TYPE_CHECKING:
+    from .inspect.sensitivity import SensitivityReport
+
+__all__ = ["nvfp4", "fp4_all_the_way", "mxfp4", "high_precision", "nv_recipe_precisions", "from_sensitivity",
+           "high_precision_flop_fraction"]
 
 RN, SR = "nearest", "stochastic"
 
@@ -105,3 +110,72 @@ def fp4_all_the_way(
 def high_precision() -> Recipe:
     """Every GEMM in high precision: the control that changes nothing."""
     return Recipe("high_precision", HIGH, HIGH, HIGH)
+
+
+def high_precision_flop_fraction(report: "SensitivityReport", policy: Optional[Recipe] = None) -> float:
+    """The fraction of a model's linear-layer FLOPs (all sites, all roles, as measured in ``report``) that
+    ``policy`` keeps in high precision; by default the NV recipe's rule (first and last block and the output
+    head high). Gives `from_sensitivity` the same budget as a hand-written rule."""
+    return report.high_precision_fraction(policy if policy is not None else nvfp4())
+
+
+def from_sensitivity(report: "SensitivityReport", budget: float, granularity: str = "role",
+                     metric: Optional[str] = None, name: str = "sensitivity") -> Recipe:
+    """A policy that keeps the most FP4-sensitive parts of a model in high precision within a FLOP budget.
+
+    Parts (a site in one role, or a site with all its roles for ``granularity="site"``) are taken in the order
+    of ``report`` ranked by ``metric``; each is kept in high precision if its FLOPs still fit in ``budget``
+    (the fraction of ``report.total_flops``), else it runs in FP4. Parts the report could not measure (a shape
+    the format cannot block) run in high precision in any case and count against the budget first. Every site
+    and role of the report gets a rule whose name, shown as the reason in the precision table, gives its rank
+    and measured values; sites the report does not hold get the recipe's role precisions (the output head
+    high).
+
+    Args:
+        report: a `fp4compile.inspect.sensitivity.SensitivityReport` (`fp4compile.sensitivity`).
+        budget: fraction in [0, 1] of the linear-layer FLOPs kept in high precision, e.g.
+            ``high_precision_flop_fraction(report)`` for the NV recipe's first-and-last-block rule.
+        granularity: ``"role"`` (decide each site and role) or ``"site"`` (all three roles of a site together).
+        metric: the ranking metric (default: the report's).
+        name: the recipe's name.
+    """
+    if not isinstance(budget, (int, float)) or not 0.0 <= budget <= 1.0:
+        raise ValueError(f"from_sensitivity: budget must be a fraction in [0, 1] of the linear-layer FLOPs, got {budget!r}")
+    if granularity not in ("role", "site"):
+        raise ValueError(f"from_sensitivity: granularity must be 'role' or 'site', got {granularity!r}")
+    metric = metric or report.metric
+    roles = {r: report.role_precision(r) for r in Role}
+    role_entries = {(e.module, e.role): e for e in report.entries if e.scope == "role"}
+    total = report.total_flops
+    allowed = budget * total
+    spent = 0
+    decisions: dict[tuple[str, Role], tuple[GemmPrecision, str]] = {}
+
+    for e in role_entries.values():  # high precision whatever the budget: the recipe or the format keeps them
+        role = Role(e.role)
+        if not e.measured:
+            spent += e.flops
+            decisions[(e.module, role)] = (HIGH, f"sensitivity: high precision, {e.describe()}")
+
+    ranked = report.ranked(granularity, metric)
+    if granularity == "site" and not ranked and any(e.measured for e in role_entries.values()):
+        raise ValueError("from_sensitivity: granularity='site' needs a report measured with per_site=True")
+    count = len(ranked)
+    for rank, e in enumerate(ranked, start=1):
+        members = [Role(e.role)] if granularity == "role" else [r for r in Role if (e.module, r) not in decisions]
+        flops = sum(role_entries[(e.module, r.value)].flops for r in members)
+        where = f"rank {rank}/{count} by {metric}: {e.describe()}"
+        if spent + flops <= allowed:
+            spent += flops
+            for r in members:
+                decisions[(e.module, r)] = (HIGH, f"sensitivity: kept high, {where}")
+        else:
+            for r in members:
+                reason = f"sensitivity: {roles[r].precision}, {where}; the {budget:.1%} high-precision budget is spent"
+                decisions[(e.module, r)] = (roles[r], reason)
+    rules = []
+    for site in report.sites:
+        for role in Role:
+            precision, reason = decisions[(site.module, role)]
+            rules.append(Rule(precision, modules=(glob.escape(site.module),), roles=(role,), name=reason))
+    return Recipe(name, roles[Role.FORWARD], roles[Role.INPUT_GRAD], roles[Role.WEIGHT_GRAD], rules=tuple(rules))

@@ -1,5 +1,5 @@
-"""Inspecting what the compiler did: the precision table, dumps, numerics, the HTML report, ONNX export and
-dump diffs. The dump-related names load lazily (they import the backend, which imports this package)."""
+"""Inspecting what the compiler did: the precision table, dumps, numerics, the HTML report, ONNX export,
+dump diffs and the FP4 sensitivity of a model's sites. The dump-related names load lazily (they import the backend, which imports this package)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ _LAZY = {
     "export_onnx": "onnx_export", "run_reference": "onnx_export", "OnnxExportError": "onnx_export",
     "diff_dumps": "diff", "DumpDiff": "diff",
     "load_dump": "layout", "DumpData": "layout",
+    # the function is fp4compile.sensitivity (fp4compile.inspect.sensitivity is its module)
+    "SensitivityReport": "sensitivity", "Sensitivity": "sensitivity", "load_sensitivity": "sensitivity",
 }
 
 __all__ = ["TableRow", "precision_table", "rows_to_json", "rows_to_markdown", *_LAZY]

@@ -11,11 +11,13 @@ from typing import Any, Optional
 
 from .numerics import OperandNumerics, numerics_from_json
 
-__all__ = ["TABLE_JSON", "TABLE_MD", "NUMERICS", "REPORT", "MANIFEST", "ONNX_MODEL", "DumpData", "GraphCode",
-           "load_dump"]
+__all__ = ["TABLE_JSON", "TABLE_MD", "NUMERICS", "REPORT", "MANIFEST", "ONNX_MODEL", "SENSITIVITY", "SENSITIVITY_HTML",
+           "DumpData", "GraphCode", "load_dump"]
 
 TABLE_JSON, TABLE_MD = "precision_table.json", "precision_table.md"
 NUMERICS, REPORT, MANIFEST, ONNX_MODEL = "numerics.json", "report.html", "dump.json", "model.onnx"
+#: Written by `fp4compile.sensitivity` beside a dump's files (fp4compile/inspect/sensitivity.py).
+SENSITIVITY, SENSITIVITY_HTML = "sensitivity.json", "sensitivity.html"
 
 _PASS_FILE = re.compile(r"pass_(\d+)_(\w+)\.py$")
 

@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from .layout import REPORT, DumpData, load_dump
 
-__all__ = ["render_report", "write_report", "graph_svg", "sqnr_plot_svg"]
+__all__ = ["render_report", "write_report", "graph_svg", "sqnr_plot_svg", "sensitivity_plot_svg",
+           "sensitivity_section_html", "render_sensitivity_page"]
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +306,7 @@ def render_report(dump_dir: "str | os.PathLike") -> str:
         sqnr_plot_svg(data),
         "<h2>Precision table</h2>",
         _table_html(data),
+        _sensitivity_of_dump(os.fspath(dump_dir)),
     ]
     if m.get("onnx"):
         parts.append(f"<p class=meta>ONNX: {', '.join(html.escape(p) for p in m['onnx'])} (opset 23; FP4 operands "
@@ -336,3 +338,150 @@ def write_report(dump_dir: "str | os.PathLike") -> str:
         f.write(text)
     logger.debug("fp4compile dump: wrote %s", path)
     return path
+
+
+# --- sensitivity (fp4compile.sensitivity) -----------------------------------------------------------------
+
+ROLE_COLORS = {"forward": "#1f77b4", "input_grad": "#d62728", "weight_grad": "#9467bd"}
+BLOCK_COLOR = "#7f7f7f"
+
+
+def sensitivity_plot_svg(report: Any, width: int = 860, height: int = 340) -> str:
+    """An SVG scatter plot of each site and role's ``grad_error`` (log scale) by layer index, one colour per
+    role; sites outside the block stack (the output head) to the right of the last block; the block scope as a
+    grey line and the noise floor dashed."""
+    entries = [e for e in report.entries if e.measured and e.grad_error is not None]
+    roles = [e for e in entries if e.scope == "role"]
+    if not roles:
+        return '<p class="meta">No site was measured.</p>'
+    layers = sorted({e.layer for e in roles if e.layer is not None})
+    outside = sorted({e.module for e in roles if e.layer is None})
+    columns = [str(v) for v in layers] + outside
+    column_of = {m: len(layers) + i for i, m in enumerate(outside)}
+    index_of = {v: i for i, v in enumerate(layers)}
+
+    def column(e: Any) -> int:
+        return index_of[e.layer] if e.layer is not None else column_of[e.module]
+
+    floor = report.noise_floor if report.noise_floor and report.noise_floor > 0 else None
+    values = [e.grad_error for e in entries if e.grad_error > 0] + ([floor] if floor else [])
+    if not values:
+        return '<p class="meta">Every measured gradient error is zero.</p>'
+    lo, hi = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)) + 1e-9)
+    hi = max(hi, lo + 1)
+    left, right, top, bottom = 64, 150, 14, 40
+    pw, ph = width - left - right, height - top - bottom
+
+    def sx(v: float) -> float:
+        return left + (v + 0.5) / len(columns) * pw
+
+    def sy(v: float) -> float:
+        v = max(v, 10.0 ** lo)
+        return top + (hi - math.log10(v)) / (hi - lo) * ph
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11" '
+             f'font-family="sans-serif" role="img" aria-label="FP4 sensitivity by layer and role">',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafbfc" stroke="#c9d0da"/>']
+    for p in range(lo, hi + 1):
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(10.0 ** p):.1f}" y2="{sy(10.0 ** p):.1f}" '
+                     f'stroke="#e6e9ee"/><text x="{left - 6}" y="{sy(10.0 ** p) + 4:.1f}" text-anchor="end">1e{p}</text>')
+    for i, name in enumerate(columns):
+        label = name if len(name) <= 12 else "…" + name[-11:]
+        parts.append(f'<text x="{sx(i):.1f}" y="{top + ph + 16}" text-anchor="middle">{html.escape(label)}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">layer index</text>'
+                 f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle">gradient error '
+                 '(log)</text>')
+    if floor:
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{sy(floor):.1f}" y2="{sy(floor):.1f}" stroke="#444" '
+                     f'stroke-dasharray="4 3"><title>noise floor {floor:.3g}</title></line>')
+    blocks = sorted((e for e in entries if e.scope == "block" and e.layer in index_of), key=lambda e: e.layer)
+    if len(blocks) > 1:
+        path = " ".join(f"{'M' if i == 0 else 'L'}{sx(index_of[e.layer]):.1f},{sy(e.grad_error):.1f}"
+                        for i, e in enumerate(blocks))
+        parts.append(f'<path d="{path}" fill="none" stroke="{BLOCK_COLOR}" stroke-width="1.5"/>')
+    for e in blocks:
+        parts.append(f'<rect x="{sx(index_of[e.layer]) - 4:.1f}" y="{sy(e.grad_error) - 4:.1f}" width="8" height="8" '
+                     f'fill="{BLOCK_COLOR}"><title>{html.escape(e.module)} (all sites, all roles): grad error '
+                     f'{e.grad_error:.3g}</title></rect>')
+    suffixes = sorted({e.module.split(".", 3)[-1] for e in roles if e.layer is not None})
+    for e in roles:
+        suffix = e.module.split(".", 3)[-1]
+        jitter = ((suffixes.index(suffix) + 0.5) / len(suffixes) - 0.5) * 0.7 if e.layer is not None and suffixes else 0.0
+        role_shift = {"forward": -0.06, "input_grad": 0.0, "weight_grad": 0.06}.get(e.role, 0.0)
+        cx = sx(column(e) + jitter + role_shift)
+        parts.append(f'<circle cx="{cx:.1f}" cy="{sy(e.grad_error):.1f}" r="4" fill="{ROLE_COLORS.get(e.role, "#444")}" '
+                     f'fill-opacity="0.85"><title>#{e.rank} {html.escape(e.module)} {e.role}: grad error '
+                     f'{e.grad_error:.3g}, loss {e.loss_delta_rel:+.3%}</title></circle>')
+    legend = list(ROLE_COLORS.items()) + [("block (all roles)", BLOCK_COLOR)]
+    for i, (name, color) in enumerate(legend):
+        y = top + 10 + 16 * i
+        parts.append(f'<circle cx="{left + pw + 14}" cy="{y}" r="4" fill="{color}"/>'
+                     f'<text x="{left + pw + 22}" y="{y + 4}">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _sensitivity_rows(entries: list[Any], total_flops: int) -> str:
+    def num(v: Optional[float], spec: str) -> str:
+        return "–" if v is None else format(v, spec)
+
+    body = []
+    for e in entries:
+        share = f"{100 * e.flops / total_flops:.2f}%" if total_flops else "–"
+        body.append(
+            f"<tr><td class=num>{e.rank if e.rank is not None else '–'}</td><td>{html.escape(e.module or '(model)')}</td>"
+            f"<td>{html.escape(e.role)}</td><td class=num>{'–' if e.layer is None else e.layer}</td>"
+            f"<td class=num>{share}</td><td class=num>{num(e.grad_error, '.3g')}</td>"
+            f"<td class=num>{num(e.grad_rel_error, '.3g')}</td><td class=num>{num(e.grad_cosine, '.5f')}</td>"
+            f"<td class=num>{num(e.loss_delta_rel, '+.3%')}</td><td class=num>{num(e.sqnr_lhs_db, '.1f')}</td>"
+            f"<td class=num>{num(e.sqnr_rhs_db, '.1f')}</td><td>{html.escape(e.skipped)}</td></tr>")
+    head = ("<tr><th>rank</th><th>module</th><th>role</th><th>layer</th><th>FLOPs</th><th>grad error</th>"
+            "<th>grad rel. error</th><th>grad cosine</th><th>loss change</th><th>SQNR lhs</th><th>SQNR rhs</th>"
+            "<th>not measured</th></tr>")
+    return f'<div class="scroll"><table>{head}{"".join(body)}</table></div>'
+
+
+def sensitivity_section_html(report: Any) -> str:
+    """The sensitivity section of a report page: what was measured, the plot by layer and role, and the
+    ranked tables (role scope; then blocks, sites and the whole model)."""
+    ranked = report.ranked("role")
+    unmeasured = [e for e in report.entries if e.scope == "role" and not e.measured]
+    others = [e for scope in ("block", "site", "model") for e in report.ranked(scope)]
+    precisions = "; ".join(f"{role} {html.escape(p)}" for role, p in report.precisions.items())
+    return "\n".join([
+        "<h2>FP4 sensitivity</h2>",
+        f"<p class=meta>Each part run in FP4 alone (recipe {html.escape(report.recipe)}: {precisions}), the rest in "
+        f"high precision, on {report.batches} batch(es), seed {report.seed}; high-precision loss {report.loss:.4f}. "
+        f"Ranked by {html.escape(report.metric)}: grad error is the mean over parameter tensors of "
+        "|g<sub>FP4</sub> − g<sub>high</sub>| / |g<sub>high</sub>|; loss change relative to high precision; SQNRs "
+        f"of the role's operands. Noise floor (a repeated high-precision pass): {report.noise_floor:.3g}. "
+        "Hover a point for its site.</p>",
+        sensitivity_plot_svg(report),
+        "<h3>Sites and roles, most sensitive first</h3>",
+        _sensitivity_rows(ranked + unmeasured, report.total_flops),
+        "<h3>Blocks, sites (all roles) and the whole model</h3>",
+        _sensitivity_rows(others, report.total_flops),
+    ])
+
+
+def render_sensitivity_page(report: Any) -> str:
+    """``sensitivity.html``: the sensitivity section as a page of its own (for a folder without a dump)."""
+    return "\n".join([
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>fp4compile sensitivity</title>",
+        f"<style>{_CSS}</style></head><body><h1>fp4compile sensitivity</h1>",
+        sensitivity_section_html(report), "</body></html>"])
+
+
+def _sensitivity_of_dump(dump_dir: str) -> str:
+    """The sensitivity section when ``sensitivity.json`` lies beside the dump's files, else nothing."""
+    from .layout import SENSITIVITY
+    from .sensitivity import load_sensitivity
+
+    path = os.path.join(dump_dir, SENSITIVITY)
+    if not os.path.isfile(path):
+        return ""
+    try:
+        return sensitivity_section_html(load_sensitivity(path))
+    except (ValueError, KeyError) as exc:
+        logger.warning("fp4compile report: cannot read %s: %s", path, exc)
+        return f"<p class=meta>Cannot read {html.escape(path)}: {html.escape(str(exc))}</p>"
