@@ -24,6 +24,7 @@ from .. import env
 from ..distributed import GraphRoute, ModelLayout, model_layout, route_graph, split_warning, unplaced_warning
 from ..inspect.table import TableRow, precision_table, rows_to_json, rows_to_markdown
 from ..passes.annotate_layers import PLACEMENT, BlockPlacement
+from ..passes.meta import MODEL_STACKS, PARAMETER_NAMES
 from ..passes.pipeline import copy_graph_module, run_passes
 from ..policy.recipe import Policy
 from ..policy.schedule import FP4_PHASE, Phase, PhaseSource, StepCounter
@@ -155,9 +156,13 @@ class Fp4Backend:
 
     def _compile_phase(self, gm: fx.GraphModule, example_inputs: Sequence[Any], graph_id: str, phase: Phase,
                        placement: Optional[BlockPlacement] = None) -> Callable:
-        if placement is not None:
+        if placement is not None or self.layout is not None:
             gm = copy_graph_module(gm)  # the placement differs per variant: Dynamo's graph stays untouched
-            gm.meta[PLACEMENT] = placement
+            if placement is not None:
+                gm.meta[PLACEMENT] = placement
+            if self.layout is not None:
+                gm.meta[MODEL_STACKS] = self.layout.stacks
+                gm.meta[PARAMETER_NAMES] = self.layout.names_of
         result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify)
         report = CompileReport(graph_id, phase.name, precision_table(result.annotated, graph_id), result.snapshots)
         self.reports.append(report)
