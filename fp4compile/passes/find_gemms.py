@@ -87,6 +87,16 @@ def _as_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[tuple
     return None
 
 
+def _sliced_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[fx.Node]:
+    """The parameter node if ``node`` takes part of a 2D parameter (``W[a:b]``, ``W.narrow(...)``), else None."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in ("getitem", "__getitem__", "narrow") and node.args[0] in params:
+        return node.args[0]
+    return None
+
+
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
@@ -101,6 +111,10 @@ def _match(node: fx.Node, params: dict[fx.Node, torch.Tensor]) -> "GemmMatch | s
         x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         found = _as_weight(w, params)
         if found is None:
+            sliced = _sliced_weight(w, params)
+            if sliced is not None:
+                return (f"the weight is a slice of parameter {_param_name(sliced)}: GEMMs on part of a weight are "
+                        "not rewritten")
             return None
         param, transposed = found
         return GemmMatch(x, param, transposed, b, "linear")
@@ -288,6 +302,9 @@ def _find(gm: fx.GraphModule, example_inputs: Sequence[Any],
                 found.append((node, f"weight GEMMs inside higher-order op {name!r} are not rewritten", params))
             continue
         if node.op not in ("call_function", "call_method"):
+            continue
+        if UNSUPPORTED in node.meta:  # marked by an earlier pass (decompose_attention)
+            found.append((node, node.meta[UNSUPPORTED], params))
             continue
         match = _match(node, params)
         if match is not None:
