@@ -175,6 +175,16 @@ class ModelLayout:
                 hit = self._owners[id(tensor)] = (weakref.ref(tensor), None)
         return hit[1]
 
+    def names(self) -> list[str]:
+        """The model's module and parameter names (``named_modules()``/``named_parameters()``, wrapper
+        components dropped)."""
+        model = self._model()
+        if model is None:
+            return []
+        root = _root(model)
+        return sorted({unwrapped_path(n) for n, _ in root.named_modules()} |
+                      {unwrapped_path(n) for n, _ in root.named_parameters()} - {""})
+
     def names_of(self, tensor: Any) -> tuple[str, ...]:
         """Every name of ``tensor`` among the model's parameters (``named_parameters()``, wrapper components
         dropped; several for a tied weight), or ``()``."""

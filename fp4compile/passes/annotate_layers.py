@@ -132,6 +132,33 @@ def find_block_stacks(blocks: Iterable[tuple[str, str]]) -> tuple[BlockStack, ..
     return tuple(BlockStack(parent, tuple(names), cls) for (parent, cls), names in groups.items() if len(names) >= 2)
 
 
+def _under(module: str, path: str) -> bool:
+    return not path or module == path or module.startswith(path + ".")
+
+
+def _in_stack(module: str, stack: BlockStack) -> bool:
+    return any(_under(module, _join(stack.prefix, name)) for name in stack.blocks)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _without_containers(stacks: tuple[BlockStack, ...], modules: list[str]) -> tuple[BlockStack, ...]:
+    """``stacks`` less those whose blocks only hold other stacks (T5's ``encoder`` and ``decoder``, two
+    ``T5Stack``s: every GEMM site in them lies in ``encoder.block`` or ``decoder.block``), so that each inner
+    stack counts its own first and last block. A stack of blocks that hold other GEMMs too (decoder layers
+    holding a list of experts next to their attention) stays the outer stack."""
+    kept = []
+    for stack in stacks:
+        inner = [other for other in stacks if other is not stack and _in_stack(other.prefix, stack)]
+        sites = [m for m in modules if _in_stack(m, stack)]
+        if inner and sites and all(any(_in_stack(m, other) for other in inner) for m in sites):
+            continue
+        kept.append(stack)
+    return tuple(kept)
+
+
 def _stack_of(module: str, stacks: dict[str, list[BlockStack]]) -> Optional[tuple[BlockStack, str]]:
     """The outermost stack whose block holds ``module`` (or is it), with the block's name."""
     parts = module.split(".") if module else []
@@ -175,7 +202,7 @@ def annotate_layers(gm: fx.GraphModule) -> fx.GraphModule:
     if stacks is None:
         stacks = find_block_stacks(_graph_blocks(nodes, gm))
     by_parent: dict[str, list[BlockStack]] = {}
-    for stack in stacks:
+    for stack in _without_containers(tuple(stacks), [n.meta[SITE].module for n in nodes]):
         by_parent.setdefault(stack.prefix, []).append(stack)
     last_in_stack = -1
     for i, node in enumerate(nodes):

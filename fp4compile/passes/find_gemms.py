@@ -193,27 +193,31 @@ def _call_module(node: fx.Node) -> str:
 def _model_prefix(gm: fx.GraphModule, matches: list[tuple[fx.Node, GemmMatch]],
                   params: dict[fx.Node, torch.Tensor]) -> tuple[str, dict[fx.Node, str]]:
     """The prefix that turns this graph's paths into the model's (``model.`` for a frame Dynamo rooted at
-    ``model.model``) and the model's name of each weight, read from ``gm.meta[PARAMETER_NAMES]``; ``""`` and
-    no names without it. The prefix is the one most weights agree on (a tied weight has several names)."""
+    ``model.model``) and the model's name of each GEMM weight, read from ``gm.meta[PARAMETER_NAMES]``; ``""``
+    and no names without it. The prefix is the one most parameters agree on, comparing each parameter's name
+    in the graph (its Dynamo source, or the module that calls it) with its names in the model."""
     names_of = getattr(gm, "meta", {}).get(PARAMETER_NAMES)
     if names_of is None:
         return "", {}
     votes: dict[str, int] = {}
-    names: dict[fx.Node, str] = {}
-    for _, match in matches:
-        raw = _param_name(match.weight)
-        candidates = tuple(names_of(params[match.weight]))
+
+    def vote(raw: str, candidates: Sequence[str]) -> None:
         for name in candidates:
-            if name == raw or name.endswith("." + raw):
+            if raw and (name == raw or name.endswith("." + raw)):
                 prefix = name[: len(name) - len(raw)].rstrip(".")
                 votes[prefix] = votes.get(prefix, 0) + 1
-        if candidates:
-            names[match.weight] = candidates[0]
+
+    for node, tensor in params.items():
+        if getattr(node, "_dynamo_source", None) is not None:
+            vote(_param_name(node), names_of(tensor))
+    for node, match in matches:  # inside checkpoint regions weights have no source: their module path votes
+        vote(_call_module(node), [name.rsplit(".", 1)[0] for name in names_of(params[match.weight])])
     prefix = max(votes, key=lambda p: (votes[p], -len(p)), default="")
-    for _, match in matches:  # the name under the graph's prefix, where the weight has one (tied weights)
+    names: dict[fx.Node, str] = {}
+    for _, match in matches:
+        candidates = tuple(names_of(params[match.weight]))
         full = _join(prefix, _param_name(match.weight))
-        if full in names_of(params[match.weight]):
-            names[match.weight] = full
+        names[match.weight] = full if full in candidates or not candidates else candidates[0]
     return prefix, names
 
 

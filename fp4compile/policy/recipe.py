@@ -8,6 +8,7 @@ sites in high precision. See `fp4compile.recipes` for the published recipes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
@@ -15,7 +16,7 @@ from .precision import HIGH, Decision, GemmPrecision, Role
 from .schedule import PhaseSource
 from .site import GemmSite
 
-__all__ = ["Policy", "Rule", "Recipe"]
+__all__ = ["Policy", "Rule", "Recipe", "unmatched_patterns"]
 
 
 @runtime_checkable
@@ -146,3 +147,14 @@ def high_precision_rules(
         names = ", ".join(Role(r).value for r in roles)
         rules.append(Rule(HIGH, roles=tuple(Role(r) for r in roles), name=f"high_precision roles {names}"))
     return tuple(rules)
+
+
+def unmatched_patterns(patterns: Sequence[str], paths: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The glob ``patterns`` (a `Rule`'s ``modules``) that match none of ``paths`` (module paths and weight
+    names), each with the nearest paths (by `difflib`): a pattern written with other names than the sites'
+    is reported instead of silently matching nothing."""
+    unmatched = []
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            unmatched.append((pattern, difflib.get_close_matches(pattern, sorted(set(paths)), n=3, cutoff=0.3)))
+    return unmatched
