@@ -275,7 +275,7 @@ def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Gra
         node.meta[MATCH] = match
         node.meta[SITE] = GemmSite(
             node=node.name,
-            module=module if _call_module(node) else weight_name.rsplit(".", 1)[0],
+            module=module if _call_module(node) else weight_name.rpartition(".")[0],
             weight=weight_name,
             spelling=match.spelling,
             in_features=int(k),
