@@ -88,7 +88,8 @@ def _root(model: torch.nn.Module) -> torch.nn.Module:
 
 def model_block_stacks(model: torch.nn.Module) -> tuple[BlockStack, ...]:
     """Every block stack of ``model``, by structure (`fp4compile.passes.annotate_layers.find_block_stacks`):
-    the candidates are the modules that hold submodules and a 2-D parameter, named as ``named_modules()``
+    the candidates are the modules that hold a 2-D parameter and submodules (or whose siblings are all of their
+    class), named as ``named_modules()``
     names them without wrapper components, each as the module it wraps (a compiled or checkpoint-wrapped
     block counts as the block)."""
     holds_weight: set[str] = set()
@@ -101,8 +102,14 @@ def model_block_stacks(model: torch.nn.Module) -> tuple[BlockStack, ...]:
         if type(module).__name__ in _WRAPPER_CLASSES:
             continue
         inner[unwrapped_path(name)] = (type(module).__qualname__, any(True for _ in module.children()))
+    sibling_classes: dict[str, set[str]] = {}
+    for path, (cls, _) in inner.items():
+        if path:
+            sibling_classes.setdefault(path.rpartition(".")[0], set()).add(cls)
+    # Blocks hold submodules; single layers make a stack only when their parent holds nothing else.
     return find_block_stacks((path, cls) for path, (cls, has_children) in inner.items()
-                             if path and has_children and path in holds_weight)
+                             if path and path in holds_weight
+                             and (has_children or sibling_classes[path.rpartition(".")[0]] == {cls}))
 
 
 def find_block_stack(model: torch.nn.Module) -> Optional[BlockStack]:

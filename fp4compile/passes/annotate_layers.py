@@ -5,7 +5,9 @@ the backend knows the model. Writes: ``node.meta[SITE]`` (with ``stack``, ``laye
 ``last_layer`` and ``is_output_head`` filled in).
 
 A block stack is found by structure, whatever the names: two or more modules of the same class that hold
-submodules (blocks, not single layers) and are children of the same module: a ``ModuleList`` such as
+submodules and are children of the same module (or single layers, when the parent holds nothing else: a
+``ModuleList`` of ``Linear`` layers, but not ``mlp.0`` and ``mlp.3`` of ``Sequential(Linear, GELU, Dropout,
+Linear)``): a ``ModuleList`` such as
 ``transformer.h`` or ``model.layers``, a ``Sequential`` such as torchvision's ``encoder.layers`` (blocks named
 ``encoder_layer_<i>``), or the root of an ``nn.Sequential``. A model may hold several stacks (an encoder's and
 a decoder's): each has its own first and last block. A site belongs to the outermost stack above it. Block
@@ -171,19 +173,24 @@ def _stack_of(module: str, stacks: dict[str, list[BlockStack]]) -> Optional[tupl
 
 
 def _graph_blocks(nodes: list[fx.Node], gm: fx.GraphModule) -> list[tuple[str, str]]:
-    """Candidate blocks from the graph: modules above a site (or the module making the call, if other modules
-    run inside it), with the class Dynamo recorded."""
+    """Candidate blocks from the graph: modules above a site, and a site's own module if other modules ran
+    inside it or if all its siblings that ran are of its class (a ``ModuleList`` of ``Linear`` layers; but
+    not ``mlp.0`` of a ``Sequential`` that also holds an activation), with the class Dynamo recorded."""
     classes: dict[str, str] = {}
     for graph in all_graph_modules(gm):
         for node in graph.graph.nodes:
             for path, cls in node.meta.get(SCOPES, ()):
                 classes.setdefault(path, cls)
     holders = {path.rpartition(".")[0] for path in classes}
+    sibling_classes: dict[str, set[str]] = {}
+    for path, cls in classes.items():
+        sibling_classes.setdefault(path.rpartition(".")[0], set()).add(cls)
     blocks: list[tuple[str, str]] = []
     for node in nodes:
         module = node.meta[SITE].module
         for path, cls in node.meta.get(SCOPES, ()):
-            if module.startswith(path + ".") or (path == module and path in holders):
+            if module.startswith(path + ".") or (path == module and (
+                    path in holders or sibling_classes[path.rpartition(".")[0]] == {cls})):
                 blocks.append((path, cls))
     return blocks
 
