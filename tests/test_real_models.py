@@ -340,3 +340,26 @@ def test_dump_takes_keyword_inputs(tmp_path):
     modules = {r.module for r in result.rows}
     assert "model.layers.1.mlp.up_proj" in modules and "lm_head" in modules
     assert (tmp_path / "precision_table.json").exists()
+
+
+class _Experts(nn.Module):
+    """Stacked expert weights ``(experts, N, K)`` as transformers 5 stores a mixture of experts' MLPs, used
+    slice by slice and in one batched GEMM."""
+
+    def __init__(self, experts=4, d=32):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, d, d) / d**0.5)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        per_expert = torch.stack([nn.functional.linear(x, self.w[i]) for i in range(self.w.shape[0])])
+        batched = torch.bmm(per_expert, self.w.transpose(1, 2))
+        return self.out(batched.sum(0))
+
+
+def test_gemms_on_stacked_expert_weights_are_listed_in_high_precision():
+    be, _ = _train(_Experts(), torch.randn(8, 32), steps=1)
+    rows = [r for r in be.rows() if r.role == "forward"]
+    stacked = [r for r in rows if "stacked expert weights" in r.reason]
+    assert len(stacked) == 4 + 1 and all(r.precision == "high" and r.reason.startswith("fallback:") for r in stacked)
+    assert {r.module for r in rows} == {"", "out"}

@@ -14,6 +14,9 @@ these. A frame rooted at a submodule (Dynamo compiles ``model.model.forward`` on
 as under Hugging Face's gradient checkpointing) names paths from that submodule; only the model can tell:
 with ``gm.meta[PARAMETER_NAMES]`` the weights' own names in the model give the missing prefix.
 
+GEMMs on weights of 3 or more dimensions (a mixture of experts' stacked expert weights) and on slices of a
+weight are marked unsupported, so that the precision table lists them with the reason.
+
 Spellings: ``F.linear(x, W, b)``; ``torch.addmm(b, x, B)``; ``torch.matmul``/``torch.mm``/``@``/``Tensor.matmul``
 (``x @ B``), where ``B`` is ``W.t()``/``W.T``/``W.transpose(0, 1)``/``W.permute(1, 0)`` of an ``(N, K)`` weight,
 or an ``(K, N)`` weight itself as in GPT-2's ``Conv1D``.
@@ -94,6 +97,38 @@ def _sliced_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[f
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     if name in ("getitem", "__getitem__", "narrow") and node.args[0] in params:
         return node.args[0]
+    return None
+
+
+_VIEW_NAMES = {"transpose", "permute", "t", "getitem", "__getitem__", "view", "reshape", "contiguous", "narrow", "select"}
+_GEMM_WORDS = ("mm", "matmul", "linear", "einsum")
+
+
+def _stacked_weight(value: Any, stacked: dict[fx.Node, torch.Tensor]) -> Optional[fx.Node]:
+    """The parameter node if ``value`` is a parameter of 3 or more dimensions, or a view of one."""
+    while isinstance(value, fx.Node):
+        if value in stacked:
+            return value
+        name = value.target if value.op == "call_method" else getattr(value.target, "__name__", "")
+        if name not in _VIEW_NAMES or not value.args:
+            return None
+        value = value.args[0]
+    return None
+
+
+def _stacked_gemm_reason(node: fx.Node, stacked: dict[fx.Node, torch.Tensor]) -> Optional[str]:
+    """Why a GEMM-like call on a weight of 3 or more dimensions (a mixture of experts' stacked expert
+    weights, ``(experts, N, K)``) stays in high precision, or None if ``node`` is no such call."""
+    if not stacked:
+        return None
+    name = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)).lower()
+    if not any(word in name for word in _GEMM_WORDS):
+        return None
+    for arg in (*node.args, *node.kwargs.values()):
+        param = _stacked_weight(arg, stacked)
+        if param is not None:
+            return (f"{name} on the {stacked[param].dim()}-D weight {_param_name(param)} (stacked expert weights) "
+                    "is not rewritten: only GEMMs on 2-D weights are")
     return None
 
 
@@ -228,19 +263,23 @@ def _example_value(node: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, torch.Tensor]:
-    """Placeholders and ``get_attr`` nodes that hold 2D ``nn.Parameter``s."""
+def _parameters(gm: fx.GraphModule, example_inputs: Sequence[Any], stacked: bool = False) -> dict[fx.Node, torch.Tensor]:
+    """Placeholders and ``get_attr`` nodes that hold 2D ``nn.Parameter``s (``stacked``: 3D and more)."""
     params: dict[fx.Node, torch.Tensor] = {}
+
+    def wanted(value: Any) -> bool:
+        return isinstance(value, torch.nn.Parameter) and (value.dim() > 2 if stacked else value.dim() == 2)
+
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
-        if isinstance(example, torch.nn.Parameter) and example.dim() == 2:
+        if wanted(example):
             params[node] = example
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = gm
             for part in str(node.target).split("."):
                 value = getattr(value, part, None)
-            if isinstance(value, torch.nn.Parameter) and value.dim() == 2:
+            if wanted(value):
                 params[node] = value
     return params
 
@@ -293,6 +332,7 @@ def _find(gm: fx.GraphModule, example_inputs: Sequence[Any],
     """Collect, in graph order, each weight GEMM of ``gm`` and its checkpoint regions with its match (or the
     reason it cannot be rewritten) and its graph's parameters, and every node that runs inside a module."""
     params = _parameters(gm, example_inputs)
+    stacked = _parameters(gm, example_inputs, stacked=True)
     examples = examples_by_node(gm, example_inputs)
     for node in gm.graph.nodes:
         if node.meta.get("nn_module_stack"):
@@ -310,6 +350,6 @@ def _find(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if UNSUPPORTED in node.meta:  # marked by an earlier pass (decompose_attention)
             found.append((node, node.meta[UNSUPPORTED], params))
             continue
-        match = _match(node, params)
+        match = _match(node, params) or _stacked_gemm_reason(node, stacked)
         if match is not None:
             found.append((node, match, params))
