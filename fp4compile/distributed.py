@@ -88,8 +88,8 @@ def _root(model: torch.nn.Module) -> torch.nn.Module:
 
 def model_block_stacks(model: torch.nn.Module) -> tuple[BlockStack, ...]:
     """Every block stack of ``model``, by structure (`fp4compile.passes.annotate_layers.find_block_stacks`):
-    the candidates are the modules that hold a 2-D parameter and submodules (or whose siblings are all of their
-    class), named as ``named_modules()``
+    the candidates are the modules that hold a 2-D parameter and submodules (or lie in a container whose other
+    modules are all of their class), named as ``named_modules()``
     names them without wrapper components, each as the module it wraps (a compiled or checkpoint-wrapped
     block counts as the block)."""
     holds_weight: set[str] = set()
@@ -97,6 +97,8 @@ def model_block_stacks(model: torch.nn.Module) -> tuple[BlockStack, ...]:
         if param.ndim == 2:
             parts = unwrapped_path(name).split(".")[:-1]
             holds_weight.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    containers = {unwrapped_path(name) for name, module in _root(model).named_modules()
+                  if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict))}
     inner: dict[str, tuple[str, bool]] = {}
     for name, module in _root(model).named_modules():
         if type(module).__name__ in _WRAPPER_CLASSES:
@@ -106,10 +108,11 @@ def model_block_stacks(model: torch.nn.Module) -> tuple[BlockStack, ...]:
     for path, (cls, _) in inner.items():
         if path:
             sibling_classes.setdefault(path.rpartition(".")[0], set()).add(cls)
-    # Blocks hold submodules; single layers make a stack only when their parent holds nothing else.
+    # Blocks hold submodules; single layers make a stack only in a container that holds nothing else.
     return find_block_stacks((path, cls) for path, (cls, has_children) in inner.items()
-                             if path and path in holds_weight
-                             and (has_children or sibling_classes[path.rpartition(".")[0]] == {cls}))
+                             if path and path in holds_weight and (has_children or (
+                                 path.rpartition(".")[0] in containers
+                                 and sibling_classes[path.rpartition(".")[0]] == {cls})))
 
 
 def find_block_stack(model: torch.nn.Module) -> Optional[BlockStack]:

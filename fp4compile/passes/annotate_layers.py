@@ -5,9 +5,9 @@ the backend knows the model. Writes: ``node.meta[SITE]`` (with ``stack``, ``laye
 ``last_layer`` and ``is_output_head`` filled in).
 
 A block stack is found by structure, whatever the names: two or more modules of the same class that hold
-submodules and are children of the same module (or single layers, when the parent holds nothing else: a
-``ModuleList`` of ``Linear`` layers, but not ``mlp.0`` and ``mlp.3`` of ``Sequential(Linear, GELU, Dropout,
-Linear)``): a ``ModuleList`` such as
+submodules and are children of the same module (or single layers, when their parent is a container holding
+nothing else: a ``ModuleList`` of ``Linear`` layers, but not ``mlp.0`` and ``mlp.3`` of ``Sequential(Linear,
+GELU, Dropout, Linear)``, nor ``attn.c_attn`` and ``attn.c_proj``): a ``ModuleList`` such as
 ``transformer.h`` or ``model.layers``, a ``Sequential`` such as torchvision's ``encoder.layers`` (blocks named
 ``encoder_layer_<i>``), or the root of an ``nn.Sequential``. A model may hold several stacks (an encoder's and
 a decoder's): each has its own first and last block. A site belongs to the outermost stack above it. Block
@@ -172,10 +172,16 @@ def _stack_of(module: str, stacks: dict[str, list[BlockStack]]) -> Optional[tupl
     return None
 
 
+#: Module classes that only hold other modules: single layers directly in one of them can make a stack. A
+#: ``ModuleList`` never runs, so a parent path absent from the graph's modules counts as one.
+_CONTAINERS = ("ModuleList", "Sequential", "ModuleDict")
+
+
 def _graph_blocks(nodes: list[fx.Node], gm: fx.GraphModule) -> list[tuple[str, str]]:
     """Candidate blocks from the graph: modules above a site, and a site's own module if other modules ran
-    inside it or if all its siblings that ran are of its class (a ``ModuleList`` of ``Linear`` layers; but
-    not ``mlp.0`` of a ``Sequential`` that also holds an activation), with the class Dynamo recorded."""
+    inside it or if it lies in a container whose modules that ran are all of its class (a ``ModuleList`` of
+    ``Linear`` layers; not ``mlp.0`` of a ``Sequential`` that also holds an activation, nor ``attn.c_attn``
+    next to ``attn.c_proj``), with the class Dynamo recorded."""
     classes: dict[str, str] = {}
     for graph in all_graph_modules(gm):
         for node in graph.graph.nodes:
@@ -189,8 +195,9 @@ def _graph_blocks(nodes: list[fx.Node], gm: fx.GraphModule) -> list[tuple[str, s
     for node in nodes:
         module = node.meta[SITE].module
         for path, cls in node.meta.get(SCOPES, ()):
-            if module.startswith(path + ".") or (path == module and (
-                    path in holders or sibling_classes[path.rpartition(".")[0]] == {cls})):
+            parent = path.rpartition(".")[0]
+            if module.startswith(path + ".") or (path == module and (path in holders or (
+                    classes.get(parent, _CONTAINERS[0]) in _CONTAINERS and sibling_classes[parent] == {cls}))):
                 blocks.append((path, cls))
     return blocks
 
