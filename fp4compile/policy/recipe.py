@@ -86,7 +86,7 @@ class Recipe:
     """A training recipe: the precision of each role, and which sites stay in high precision.
 
     Decisions are taken in this order: user ``rules`` (first match wins), the output head (high precision
-    unless ``quantize_output_head``), the first and last blocks of the block stack, then the role default.
+    unless ``quantize_output_head``), the first and last blocks of each block stack, then the role default.
     """
 
     name: str
