@@ -20,9 +20,12 @@ import torch.nn as nn
 
 import fp4compile
 
-transformers = pytest.importorskip("transformers")
-
 VOCAB = 128
+
+
+def _transformers():
+    """transformers (a dev dependency), or skip the test."""
+    return pytest.importorskip("transformers")
 
 
 def _ids(b=2, t=16, seed=0):
@@ -66,28 +69,28 @@ def _assert_nv_structure(rows, stacks: dict[str, int], heads: set[str]):
 
 
 def _gpt2():
-    config = transformers.GPT2Config(n_layer=3, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=32,
+    config = _transformers().GPT2Config(n_layer=3, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=32,
                                      bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config)
+    return _transformers().GPT2LMHeadModel(config)
 
 
 def _llama():
-    config = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
+    config = _transformers().LlamaConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                                       bos_token_id=0, eos_token_id=0)
-    return transformers.LlamaForCausalLM(config)
+    return _transformers().LlamaForCausalLM(config)
 
 
 def _t5():
-    config = transformers.T5Config(num_layers=3, num_decoder_layers=4, d_model=64, d_ff=128, d_kv=16, num_heads=4,
+    config = _transformers().T5Config(num_layers=3, num_decoder_layers=4, d_model=64, d_ff=128, d_kv=16, num_heads=4,
                                    vocab_size=VOCAB, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
-    return transformers.T5ForConditionalGeneration(config)
+    return _transformers().T5ForConditionalGeneration(config)
 
 
 def _bert():
-    config = transformers.BertConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
+    config = _transformers().BertConfig(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
                                      num_attention_heads=4, vocab_size=VOCAB, max_position_embeddings=32)
-    return transformers.BertForMaskedLM(config)
+    return _transformers().BertForMaskedLM(config)
 
 
 @pytest.mark.parametrize("with_model", [False, True])

@@ -225,6 +225,14 @@ def _call_module(node: fx.Node) -> str:
     return scopes[-1][0] if scopes else ""
 
 
+def _owner_inside(module: str, weight: str) -> str:
+    """The module a site is named after: the module whose forward made the call, or the weight's own module if
+    that lies inside it (an ``out_proj`` weight used by its parent's forward, as ``F.multi_head_attention_forward``
+    does when Dynamo traces into it). A weight from elsewhere (a tied embedding) leaves the calling module."""
+    owner = weight.rpartition(".")[0]
+    return owner if module and owner.startswith(module + ".") else module
+
+
 def _model_prefix(gm: fx.GraphModule, matches: list[tuple[fx.Node, GemmMatch]],
                   params: dict[fx.Node, torch.Tensor]) -> tuple[str, dict[fx.Node, str]]:
     """The prefix that turns this graph's paths into the model's (``model.`` for a frame Dynamo rooted at
@@ -299,6 +307,8 @@ def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Gra
     positions = itertools.count()
     for node, match, params in found:
         module = _join(prefix, _call_module(node))
+        if isinstance(match, GemmMatch):
+            module = _owner_inside(module, names.get(match.weight) or _join(prefix, _param_name(match.weight)))
         if isinstance(match, str):
             node.meta[UNSUPPORTED] = match
             node.meta[MODULE] = module
