@@ -100,7 +100,8 @@ def _sliced_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[f
     return None
 
 
-_VIEW_NAMES = {"transpose", "permute", "t", "getitem", "__getitem__", "view", "reshape", "contiguous", "narrow", "select"}
+_VIEW_NAMES = {"transpose", "permute", "t", "getitem", "__getitem__", "view", "reshape", "contiguous", "narrow",
+               "select"}
 _GEMM_WORDS = ("mm", "matmul", "linear", "einsum")
 
 
@@ -203,12 +204,12 @@ def _join(prefix: str, path: str) -> str:
 
 
 def _scopes(node: fx.Node) -> tuple[tuple[str, str], ...]:
-    """``(module path, class name)`` of every module ``node`` runs inside, outermost first (wrappers, whose
-    path equals the wrapped module's, appear once)."""
+    """``(module path, class name)`` of every module ``node`` runs inside, outermost first (a wrapper, whose
+    path equals the wrapped module's, appears once, with the wrapped module's class)."""
     scopes: dict[str, str] = {}
     for entry in (node.meta.get("nn_module_stack") or {}).values():
         path, cls = module_path(str(entry[0])), entry[1]
-        scopes.setdefault(path, getattr(cls, "__qualname__", None) or str(cls))
+        scopes[path] = getattr(cls, "__qualname__", None) or str(cls)
     return tuple(scopes.items())
 
 
