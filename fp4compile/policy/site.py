@@ -38,13 +38,13 @@ class GemmSite:
     out_features: int
     input_shape: tuple[str, ...]
     dtype: str
-    stack: Optional[str] = None
     layer_index: Optional[int] = None
     first_layer: Optional[int] = None
     last_layer: Optional[int] = None
     is_output_head: bool = False
     trainable: bool = True
     position: int = 0
+    stack: Optional[str] = None
 
     def role_shape(self, role: str) -> tuple[str, str, str]:
         """``(M, N, K)`` of the GEMM in ``role`` (as strings; tokens may be symbolic)."""
