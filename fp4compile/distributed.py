@@ -39,9 +39,11 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .passes.annotate_layers import BlockPlacement, block_index
+from .passes.annotate_layers import BlockPlacement, BlockStack, find_block_stacks
+from .passes.find_gemms import module_path, unwrapped_path
 
-__all__ = ["process_rank", "rank_key_salt", "BlockStack", "find_block_stack", "ModelLayout", "model_layout",
+__all__ = ["process_rank", "rank_key_salt", "BlockStack", "find_block_stack", "model_block_stacks", "ModelLayout",
+           "model_layout",
            "GraphRoute", "route_graph", "split_warning", "unplaced_warning"]
 
 logger = logging.getLogger(__name__)
@@ -71,38 +73,53 @@ def rank_key_salt(rank: int | None = None) -> int:
     return (rank * _GOLDEN) & ((1 << _KEY_BITS) - 1)
 
 
-# Module-path components that wrappers insert (torch.compile's OptimizedModule, activation checkpointing,
-# FSDP1): dropped so that a wrapped model has the paths of the unwrapped one.
-_WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+#: Classes that wrap one module under a `fp4compile.passes.find_gemms.WRAPPER_COMPONENTS` name.
+_WRAPPER_CLASSES = frozenset({"OptimizedModule", "CheckpointWrapper", "FullyShardedDataParallel"})
 
 
-def _unwrapped(path: str) -> str:
-    return ".".join(part for part in path.split(".") if part not in _WRAPPER_COMPONENTS)
+def _root(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose ``named_modules()`` names the user means: the model itself, or the one a
+    DistributedDataParallel, FSDP1 or torch.compile wrapper at the root holds."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module) and type(model).__name__ in (
+            "DistributedDataParallel", "FullyShardedDataParallel"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockStack:
-    """A model's stack of repeated blocks: module-path ``prefix`` (``transformer.h``) and ``count`` blocks."""
-
-    prefix: str
-    count: int
+def model_block_stacks(model: torch.nn.Module) -> tuple[BlockStack, ...]:
+    """Every block stack of ``model``, by structure (`fp4compile.passes.annotate_layers.find_block_stacks`):
+    the candidates are the modules that hold a 2-D parameter and submodules (or lie in a container whose other
+    modules are all of their class), named as ``named_modules()``
+    names them without wrapper components, each as the module it wraps (a compiled or checkpoint-wrapped
+    block counts as the block)."""
+    holds_weight: set[str] = set()
+    for name, param in _root(model).named_parameters(remove_duplicate=False):
+        if param.ndim == 2:
+            parts = unwrapped_path(name).split(".")[:-1]
+            holds_weight.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    containers = {unwrapped_path(name) for name, module in _root(model).named_modules()
+                  if isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict))}
+    inner: dict[str, tuple[str, bool]] = {}
+    for name, module in _root(model).named_modules():
+        if type(module).__name__ in _WRAPPER_CLASSES:
+            continue
+        inner[unwrapped_path(name)] = (type(module).__qualname__, any(True for _ in module.children()))
+    sibling_classes: dict[str, set[str]] = {}
+    for path, (cls, _) in inner.items():
+        if path:
+            sibling_classes.setdefault(path.rpartition(".")[0], set()).add(cls)
+    # Blocks hold submodules; single layers make a stack only in a container that holds nothing else.
+    return find_block_stacks((path, cls) for path, (cls, has_children) in inner.items()
+                             if path and path in holds_weight and (has_children or (
+                                 path.rpartition(".")[0] in containers
+                                 and sibling_classes[path.rpartition(".")[0]] == {cls})))
 
 
 def find_block_stack(model: torch.nn.Module) -> Optional[BlockStack]:
-    """The block stack of ``model`` by the rule `annotate_layers` applies to one graph: the module-path prefix
-    followed by an integer with the most distinct indices, here among the model's 2-D parameters (the weights
-    a GEMM can use). None if no parameter path has an integer component."""
-    indices: dict[str, set[int]] = collections.defaultdict(set)
-    for name, param in model.named_parameters():
-        if param.ndim != 2:
-            continue
-        found = block_index(_unwrapped(name))
-        if found:
-            indices[found[0]].add(found[1])
-    if not indices:
-        return None
-    prefix = max(indices, key=lambda p: len(indices[p]))
-    return BlockStack(prefix, max(indices[prefix]) + 1)
+    """The largest block stack of ``model`` (the first of the largest), or None: the stack that per-block
+    compiles and FSDP2 route calls in (`GraphRoute`)."""
+    stacks = model_block_stacks(model)
+    return max(stacks, key=lambda s: s.count) if stacks else None
 
 
 class ModelLayout:
@@ -117,24 +134,43 @@ class ModelLayout:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._model = weakref.ref(model)
-        self.stack = find_block_stack(model)
+        self.stacks = model_block_stacks(model)
+        self.stack = max(self.stacks, key=lambda s: s.count) if self.stacks else None
         self._owners: dict[int, tuple[weakref.ref, Optional[int]]] = {}
+        self._names: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
 
     def __repr__(self) -> str:
-        return f"ModelLayout({self.stack})"
+        return f"ModelLayout({self.stacks})"
 
     def _rescan(self) -> None:
-        """Add the model's current parameters to the map. Entries are kept, not cleared: under FSDP2 a block's
+        """Add the model's current parameters to the maps. Entries are kept, not cleared: under FSDP2 a block's
         unsharded parameters are in the module only while it runs, and must still be known at its next call."""
         model = self._model()
         self._owners = {k: v for k, v in self._owners.items() if v[0]() is not None}
-        if model is None or self.stack is None:
+        self._names = {k: v for k, v in self._names.items() if v[0]() is not None}
+        if model is None:
             return
+        names: dict[int, list[str]] = collections.defaultdict(list)
+        params: dict[int, torch.Tensor] = {}
         # remove_duplicate=False: a tied weight is seen under every name (the head's owner then decides).
-        for name, param in model.named_parameters(remove_duplicate=False):
-            found = block_index(_unwrapped(name))
-            if found and found[0] == self.stack.prefix:
-                self._owners[id(param)] = (weakref.ref(param), found[1])
+        for name, param in _root(model).named_parameters(remove_duplicate=False):
+            name = unwrapped_path(name)
+            names[id(param)].append(name)
+            params[id(param)] = param
+            if self.stack is not None:
+                block = self._block_in_stack(name)
+                if block is not None:
+                    self._owners[id(param)] = (weakref.ref(param), block)
+        for key, found in names.items():
+            self._names[key] = (weakref.ref(params[key]), tuple(found))
+
+    def _block_in_stack(self, name: str) -> Optional[int]:
+        assert self.stack is not None
+        rest = name[len(self.stack.prefix) + 1:] if self.stack.prefix else name
+        if self.stack.prefix and not name.startswith(self.stack.prefix + "."):
+            return None
+        block = rest.split(".", 1)[0]
+        return self.stack.indices().get(block) if block in self.stack.blocks else None
 
     def block_of(self, tensor: Any) -> Optional[int]:
         """The index of the stack block that ``tensor`` is a parameter of, or None (remembered too, so that a
@@ -147,6 +183,29 @@ class ModelLayout:
             hit = self._owners.get(id(tensor))
             if hit is None or hit[0]() is not tensor:
                 hit = self._owners[id(tensor)] = (weakref.ref(tensor), None)
+        return hit[1]
+
+    def names(self) -> list[str]:
+        """The model's module and parameter names (``named_modules()``/``named_parameters()``, wrapper
+        components dropped)."""
+        model = self._model()
+        if model is None:
+            return []
+        root = _root(model)
+        return sorted({unwrapped_path(n) for n, _ in root.named_modules()} |
+                      {unwrapped_path(n) for n, _ in root.named_parameters()} - {""})
+
+    def names_of(self, tensor: Any) -> tuple[str, ...]:
+        """Every name of ``tensor`` among the model's parameters (``named_parameters()``, wrapper components
+        dropped; several for a tied weight), or ``()``."""
+        if not isinstance(tensor, torch.Tensor):
+            return ()
+        hit = self._names.get(id(tensor))
+        if hit is None or hit[0]() is not tensor:
+            self._rescan()
+            hit = self._names.get(id(tensor))
+            if hit is None or hit[0]() is not tensor:
+                hit = self._names[id(tensor)] = (weakref.ref(tensor), ())
         return hit[1]
 
 
@@ -184,7 +243,7 @@ class GraphRoute:
         blocks.discard(None)
         if len(blocks) != 1:
             return None
-        return BlockPlacement(self.layout.stack.prefix, self.layout.stack.count, blocks.pop())
+        return BlockPlacement(self.layout.stack.prefix or "(root)", self.layout.stack.count, blocks.pop())
 
     def name(self, graph_id: str, placement: Optional[BlockPlacement]) -> str:
         """The report name of the variant compiled for ``placement`` (one per block for per-call routes)."""
@@ -194,27 +253,39 @@ class GraphRoute:
 
 
 def _graph_paths(gm: fx.GraphModule) -> set[str]:
-    from .passes.find_gemms import module_path
-
     return {module_path(str(entry[0])) for node in gm.graph.nodes
             for entry in (node.meta.get("nn_module_stack") or {}).values()}
+
+
+def _reaches_into(path: str, stack: BlockStack) -> bool:
+    """Whether a graph's module path lies in a block of ``stack``. The graph's paths may hold a component more
+    than the model's in front (DDP's ``module.``) or lack some (a frame rooted at a submodule)."""
+    parts, prefix = path.split("."), stack.prefix.split(".") if stack.prefix else []
+    for i, part in enumerate(parts):
+        if part not in stack.blocks:
+            continue
+        before = parts[:i]
+        if not prefix:
+            if not before:
+                return True
+        elif before and (before[-len(prefix):] == prefix or prefix[-len(before):] == before):
+            return True
+    return False
 
 
 def route_graph(layout: ModelLayout, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> GraphRoute:
     """The `GraphRoute` of ``gm`` in ``layout``'s model.
 
     A graph whose module paths reach into the stack (a whole-model graph, or a DDP split) is placed once: its
-    block indices count against the model's stack. A graph whose paths never do, and whose weight inputs are
+    block indices count against the model's stacks. A graph whose paths never do, and whose weight inputs are
     parameters, was traced from inside one block: it is routed per call.
     """
     stack = layout.stack
     if stack is None:
         return GraphRoute()
-    placement = BlockPlacement(stack.prefix, stack.count)
-    for path in _graph_paths(gm):
-        found = block_index(path)
-        if found and placement.in_stack(found[0]):
-            return GraphRoute(placement)
+    placement = BlockPlacement(stack.prefix or "(root)", stack.count)
+    if any(_reaches_into(path, stack) for path in _graph_paths(gm)):
+        return GraphRoute(placement)
     positions = tuple(i for i, x in enumerate(example_inputs)
                       if isinstance(x, torch.Tensor) and x.ndim == 2 and x.requires_grad)
     if not positions:

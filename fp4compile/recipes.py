@@ -57,7 +57,7 @@ def nvfp4(
     """The NV recipe (the default policy; spec section 3).
 
     Args:
-        high_precision_first_blocks, high_precision_last_blocks: blocks of the block stack whose linears stay
+        high_precision_first_blocks, high_precision_last_blocks: blocks of each block stack whose linears stay
             in high precision (NV kept the first 2 and last 8 of 62, about 15%).
         high_precision: module-path globs kept in high precision, e.g. ``["*.attn.*"]``.
         high_precision_layers: block indices kept in high precision (negative counts from the end).

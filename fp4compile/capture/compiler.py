@@ -25,8 +25,9 @@ from .. import env
 from ..distributed import GraphRoute, ModelLayout, model_layout, route_graph, split_warning, unplaced_warning
 from ..inspect.table import TableRow, precision_table, rows_to_json, rows_to_markdown
 from ..passes.annotate_layers import PLACEMENT, BlockPlacement
+from ..passes.meta import MODEL_STACKS, PARAMETER_NAMES
 from ..passes.pipeline import copy_graph_module, run_passes
-from ..policy.recipe import Policy
+from ..policy.recipe import Policy, unmatched_patterns
 from ..policy.schedule import FP4_PHASE, Phase, PhaseSource, StepCounter
 from .inner import INNER_COMPILERS, compile_inner
 
@@ -98,6 +99,7 @@ class Fp4Backend:
         self._model_id = id(model) if model is not None else None  # the layout holds the model weakly
         self.reports: list[CompileReport] = []
         self._graph_ids = itertools.count()
+        self._warned_patterns: set[str] = set()
 
     # Dynamo compares backends to decide whether a cached frame can be reused.
     def _key(self) -> tuple:
@@ -156,9 +158,13 @@ class Fp4Backend:
 
     def _compile_phase(self, gm: fx.GraphModule, example_inputs: Sequence[Any], graph_id: str, phase: Phase,
                        placement: Optional[BlockPlacement] = None) -> Callable:
-        if placement is not None:
+        if placement is not None or self.layout is not None:
             gm = copy_graph_module(gm)  # the placement differs per variant: Dynamo's graph stays untouched
-            gm.meta[PLACEMENT] = placement
+            if placement is not None:
+                gm.meta[PLACEMENT] = placement
+            if self.layout is not None:
+                gm.meta[MODEL_STACKS] = self.layout.stacks
+                gm.meta[PARAMETER_NAMES] = self.layout.names_of
         result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify,
                              cudagraphs=self.cudagraphs and self.inner == "inductor")
         report = CompileReport(graph_id, phase.name, precision_table(result.annotated, graph_id), result.snapshots)
@@ -171,6 +177,8 @@ class Fp4Backend:
                 warning := unplaced_warning(graph_id, [r.module for r in report.rows])):
             logger.warning(warning)
 
+        self._warn_unmatched_rules()
+
         def record(label: str, graph: fx.GraphModule) -> None:
             report.aot_code[label] = graph.code
 
@@ -178,6 +186,28 @@ class Fp4Backend:
         if self.dump_dir:
             self._write_dump()
         return compiled
+
+    def _warn_unmatched_rules(self) -> None:
+        """Warn (once per pattern) about a policy rule's module pattern that matches no GEMM site compiled so
+        far, nor, when the backend knows the model, any module or parameter name of the model (its sites may
+        then be in a graph not compiled yet)."""
+        patterns = [p for rule in getattr(self.policy, "rules", ()) for p in getattr(rule, "modules", ())]
+        patterns = [p for p in dict.fromkeys(patterns) if p not in self._warned_patterns]
+        if not patterns:
+            return
+        rows = self.rows()
+        paths = sorted({p for row in rows for p in (row.module, row.weight) if p})
+        model_names = self.layout.names() if self.layout is not None else []
+        for pattern, nearest in unmatched_patterns(patterns, paths):
+            if model_names and not unmatched_patterns([pattern], model_names):
+                continue
+            self._warned_patterns.add(pattern)
+            hint = "" if self.layout is not None else (
+                "; without options={'model': model} a graph Dynamo traced from a submodule's forward names its "
+                "paths from that submodule")
+            logger.warning("fp4compile: policy rule pattern %r matches none of the %d GEMM sites compiled so far; "
+                           "the nearest site paths are %s (site paths are the names model.named_modules() gives%s)",
+                           pattern, len({row.module for row in rows}), nearest or "none", hint)
 
     def _write_dump(self) -> None:
         os.makedirs(self.dump_dir, exist_ok=True)

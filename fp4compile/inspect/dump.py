@@ -2,7 +2,8 @@
 
 Three ways in:
 
-- ``fp4compile.dump(model, *example_inputs, out=dir)`` compiles ``model`` with the fp4 backend, runs one
+- ``fp4compile.dump(model, *example_inputs, out=dir, **example_kwargs)`` compiles ``model`` with the fp4 backend, runs
+  one
   training step (forward, then backward from the output, or from its sum if it is not a scalar) and writes
   everything below, the ONNX model included;
 - ``FP4COMPILE_DUMP=dir python train.py`` around any script: the backend writes the tables and the code at
@@ -160,8 +161,9 @@ def _manifest(source: str, backend: Optional[Fp4Backend], files: dict[str, Any])
 
 
 def dump(model: torch.nn.Module, *example_inputs: Any, out: "str | os.PathLike", policy: Optional[Policy] = None,
-         inner: Optional[str] = None, onnx: bool = True) -> DumpResult:
-    """Compile ``model`` with the fp4 backend, run one training step on ``example_inputs`` and write a dump.
+         inner: Optional[str] = None, onnx: bool = True, **example_kwargs: Any) -> DumpResult:
+    """Compile ``model`` with the fp4 backend, run one training step on ``model(*example_inputs,
+    **example_kwargs)`` and write a dump.
 
     The step is the forward, then backward from the output (from its sum if it is not a scalar; from the first
     element of a tuple, or ``output["loss"]``); an output that does not require grad is dumped forward only.
@@ -171,6 +173,8 @@ def dump(model: torch.nn.Module, *example_inputs: Any, out: "str | os.PathLike",
     Args:
         model: the module (or function) to compile; it is not modified.
         example_inputs: its positional inputs.
+        example_kwargs: its keyword inputs (``input_ids=..., labels=...`` for a Hugging Face model); the names
+            ``out``, ``policy``, ``inner`` and ``onnx`` are this function's own.
         out: the dump folder (created; files in it are overwritten).
         policy: as for `fp4compile.backend` (default: the NV recipe).
         inner: the inner compiler, ``"inductor"``, ``"aot_eager"`` or ``"eager"`` (default: the backend's).
@@ -185,7 +189,9 @@ def dump(model: torch.nn.Module, *example_inputs: Any, out: "str | os.PathLike",
         raise TypeError(f"fp4compile.dump: out must be a folder path (str or os.PathLike), got {type(out).__name__}")
     out = os.fspath(out)
     os.makedirs(out, exist_ok=True)
-    backend = Fp4Backend(policy=policy, inner=inner, dump_dir=out)
+    # Given the model, the backend names sites as model.named_modules() does, whatever frame Dynamo traced.
+    backend = Fp4Backend(policy=policy, inner=inner, dump_dir=out,
+                         model=model if isinstance(model, torch.nn.Module) else None)
     _API_BACKENDS.add(backend)
     capture = _CapturingBackend(backend)
     compiled = torch.compile(model, backend=capture, dynamic=False)
@@ -195,7 +201,7 @@ def dump(model: torch.nn.Module, *example_inputs: Any, out: "str | os.PathLike",
     recorder = NumericsRecorder()
     try:
         with observe_quantization(recorder):
-            output = compiled(*example_inputs)
+            output = compiled(*example_inputs, **example_kwargs)
             target = _backprop_target(output)
             if target is None:
                 logger.warning("fp4compile dump: the output does not require grad; dumping the forward only")

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional
 
 import torch.fx as fx
 
-from ..passes.meta import DECISIONS, GEMM_PATHS, SITE, UNSUPPORTED
+from ..passes.meta import DECISIONS, GEMM_PATHS, MODULE, SITE, UNSUPPORTED
 from ..passes.find_gemms import module_path
 from ..passes.subgraphs import all_graph_modules
 from ..policy.precision import Role
@@ -60,7 +60,7 @@ def precision_table(annotated: fx.GraphModule, graph: str = "") -> list[TableRow
                 ))
         elif UNSUPPORTED in node.meta:
             stack = node.meta.get("nn_module_stack") or {}
-            module = module_path(list(stack.values())[-1][0]) if stack else ""
+            module = node.meta.get(MODULE, module_path(list(stack.values())[-1][0]) if stack else "")
             for role in Role:
                 rows.append(TableRow(graph, module, role.value, "high", f"fallback: {node.meta[UNSUPPORTED]}",
                                      ("?", "?", "?"), "high", "high", None, "", node.name, ""))

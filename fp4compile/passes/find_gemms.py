@@ -1,8 +1,21 @@
 """Pass: find the GEMMs whose one operand is a weight, in every spelling, and describe them as `GemmSite`s.
 
-Reads: ``node.meta["nn_module_stack"]`` and ``"example_value"`` (set by Dynamo); the graph's example inputs.
-Writes: ``node.meta[MATCH]`` (`GemmMatch`) and ``node.meta[SITE]`` (`GemmSite`) on each weight GEMM, and
-``node.meta[UNSUPPORTED]`` (a reason) on weight GEMMs it cannot rewrite (they stay in high precision).
+Reads: ``node.meta["nn_module_stack"]`` and ``"example_value"`` (set by Dynamo); the graph's example inputs;
+``gm.meta[PARAMETER_NAMES]`` when the backend knows the model. Writes: ``node.meta[MATCH]`` (`GemmMatch`) and
+``node.meta[SITE]`` (`GemmSite`) on each weight GEMM; ``node.meta[UNSUPPORTED]`` (a reason) and
+``node.meta[MODULE]`` on weight GEMMs it cannot rewrite (they stay in high precision); ``node.meta[SCOPES]`` on
+every node that runs inside a module.
+
+Module paths are the names the user's ``model.named_modules()`` gives. Dynamo names modules from the root of
+the frame it traced: ``L['self']`` for ``model.forward``, ``L['args'][0]`` for a forward wrapped in a decorator
+(``def wrapper(*args, **kwargs)``), and, inside wrappers, components such as ``_orig_mod``
+(``torch.compile``), ``_checkpoint_wrapped_module`` and ``_fsdp_wrapped_module``: `module_path` drops all of
+these. A frame rooted at a submodule (Dynamo compiles ``model.model.forward`` on its own after a graph break,
+as under Hugging Face's gradient checkpointing) names paths from that submodule; only the model can tell:
+with ``gm.meta[PARAMETER_NAMES]`` the weights' own names in the model give the missing prefix.
+
+GEMMs on weights of 3 or more dimensions (a mixture of experts' stacked expert weights) and on slices of a
+weight are marked unsupported, so that the precision table lists them with the reason.
 
 Spellings: ``F.linear(x, W, b)``; ``torch.addmm(b, x, B)``; ``torch.matmul``/``torch.mm``/``@``/``Tensor.matmul``
 (``x @ B``), where ``B`` is ``W.t()``/``W.T``/``W.transpose(0, 1)``/``W.permute(1, 0)`` of an ``(N, K)`` weight,
@@ -22,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..policy.site import GemmSite
-from .meta import MATCH, SITE, UNSUPPORTED
+from .meta import MATCH, MODULE, PARAMETER_NAMES, SCOPES, SITE, UNSUPPORTED
 from .subgraphs import SUPPORTED_HIGHER_ORDER_OPS, examples_by_node, nested_body, operand_examples
 
 __all__ = ["GemmMatch", "find_gemm_sites", "module_path"]
@@ -77,6 +90,49 @@ def _as_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[tuple
     return None
 
 
+def _sliced_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[fx.Node]:
+    """The parameter node if ``node`` takes part of a 2D parameter (``W[a:b]``, ``W.narrow(...)``), else None."""
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in ("getitem", "__getitem__", "narrow") and node.args[0] in params:
+        return node.args[0]
+    return None
+
+
+_VIEW_NAMES = {"transpose", "permute", "t", "getitem", "__getitem__", "view", "reshape", "contiguous", "narrow",
+               "select"}
+_GEMM_WORDS = ("mm", "matmul", "linear", "einsum")
+
+
+def _stacked_weight(value: Any, stacked: dict[fx.Node, torch.Tensor]) -> Optional[fx.Node]:
+    """The parameter node if ``value`` is a parameter of 3 or more dimensions, or a view of one."""
+    while isinstance(value, fx.Node):
+        if value in stacked:
+            return value
+        name = value.target if value.op == "call_method" else getattr(value.target, "__name__", "")
+        if name not in _VIEW_NAMES or not value.args:
+            return None
+        value = value.args[0]
+    return None
+
+
+def _stacked_gemm_reason(node: fx.Node, stacked: dict[fx.Node, torch.Tensor]) -> Optional[str]:
+    """Why a GEMM-like call on a weight of 3 or more dimensions (a mixture of experts' stacked expert
+    weights, ``(experts, N, K)``) stays in high precision, or None if ``node`` is no such call."""
+    if not stacked:
+        return None
+    name = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)).lower()
+    if not any(word in name for word in _GEMM_WORDS):
+        return None
+    for arg in (*node.args, *node.kwargs.values()):
+        param = _stacked_weight(arg, stacked)
+        if param is not None:
+            return (f"{name} on the {stacked[param].dim()}-D weight {_param_name(param)} (stacked expert weights) "
+                    "is not rewritten: only GEMMs on 2-D weights are")
+    return None
+
+
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]
@@ -91,6 +147,10 @@ def _match(node: fx.Node, params: dict[fx.Node, torch.Tensor]) -> "GemmMatch | s
         x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         found = _as_weight(w, params)
         if found is None:
+            sliced = _sliced_weight(w, params)
+            if sliced is not None:
+                return (f"the weight is a slice of parameter {_param_name(sliced)}: GEMMs on part of a weight are "
+                        "not rewritten")
             return None
         param, transposed = found
         return GemmMatch(x, param, transposed, b, "linear")
@@ -115,17 +175,42 @@ def _match(node: fx.Node, params: dict[fx.Node, torch.Tensor]) -> "GemmMatch | s
     return None
 
 
-_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+_ROOT = re.compile(r"^L\['args'\]\[\d+\]\.?|^L\['[^']*'\]\.?")
 _KEYED = re.compile(r"\.?_(?:modules|parameters|buffers)\['([^']*)'\]")
 _INDEXED = re.compile(r"\[(\d+)\]")
 
 
+#: Module-path components that wrappers insert between a module and the one they wrap (torch.compile's
+#: OptimizedModule, activation checkpointing's CheckpointWrapper, FSDP1).
+WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def unwrapped_path(path: str) -> str:
+    """``path`` without the components that wrappers insert (`WRAPPER_COMPONENTS`)."""
+    return ".".join(part for part in path.split(".") if part and part not in WRAPPER_COMPONENTS)
+
+
 def module_path(raw: str) -> str:
-    """Normalise a Dynamo path (``L['self']._modules['h']._modules['0'].mlp``) to ``h.0.mlp``."""
+    """Normalise a Dynamo path (``L['self']._modules['h']._modules['0'].mlp``, ``L['args'][0].model``) to
+    ``h.0.mlp``, without wrapper components."""
     path = _ROOT.sub("", raw)
     path = _KEYED.sub(r".\1", path)
     path = _INDEXED.sub(r".\1", path)
-    return path.strip(".")
+    return unwrapped_path(path.strip("."))
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
+
+
+def _scopes(node: fx.Node) -> tuple[tuple[str, str], ...]:
+    """``(module path, class name)`` of every module ``node`` runs inside, outermost first (a wrapper, whose
+    path equals the wrapped module's, appears once, with the wrapped module's class)."""
+    scopes: dict[str, str] = {}
+    for entry in (node.meta.get("nn_module_stack") or {}).values():
+        path, cls = module_path(str(entry[0])), entry[1]
+        scopes[path] = getattr(cls, "__qualname__", None) or str(cls)
+    return tuple(scopes.items())
 
 
 def _param_name(node: fx.Node) -> str:
@@ -137,11 +222,47 @@ def _param_name(node: fx.Node) -> str:
 
 
 def _call_module(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return module_path(path)
+    scopes = _scopes(node)
+    return scopes[-1][0] if scopes else ""
+
+
+def _owner_inside(module: str, weight: str) -> str:
+    """The module a site is named after: the module whose forward made the call, or the weight's own module if
+    that lies inside it (an ``out_proj`` weight used by its parent's forward, as ``F.multi_head_attention_forward``
+    does when Dynamo traces into it). A weight from elsewhere (a tied embedding) leaves the calling module."""
+    owner = weight.rpartition(".")[0]
+    return owner if module and owner.startswith(module + ".") else module
+
+
+def _model_prefix(gm: fx.GraphModule, matches: list[tuple[fx.Node, GemmMatch]],
+                  params: dict[fx.Node, torch.Tensor]) -> tuple[str, dict[fx.Node, str]]:
+    """The prefix that turns this graph's paths into the model's (``model.`` for a frame Dynamo rooted at
+    ``model.model``) and the model's name of each GEMM weight, read from ``gm.meta[PARAMETER_NAMES]``; ``""``
+    and no names without it. The prefix is the one most parameters agree on, comparing each parameter's name
+    in the graph (its Dynamo source, or the module that calls it) with its names in the model."""
+    names_of = getattr(gm, "meta", {}).get(PARAMETER_NAMES)
+    if names_of is None:
+        return "", {}
+    votes: dict[str, int] = {}
+
+    def vote(raw: str, candidates: Sequence[str]) -> None:
+        for name in candidates:
+            if raw and (name == raw or name.endswith("." + raw)):
+                prefix = name[: len(name) - len(raw)].rstrip(".")
+                votes[prefix] = votes.get(prefix, 0) + 1
+
+    for node, tensor in params.items():
+        if getattr(node, "_dynamo_source", None) is not None:
+            vote(_param_name(node), names_of(tensor))
+    for node, match in matches:  # inside checkpoint regions weights have no source: their module path votes
+        vote(_call_module(node), [name.rsplit(".", 1)[0] for name in names_of(params[match.weight])])
+    prefix = max(votes, key=lambda p: (votes[p], -len(p)), default="")
+    names: dict[fx.Node, str] = {}
+    for _, match in matches:
+        candidates = tuple(names_of(params[match.weight]))
+        full = _join(prefix, _param_name(match.weight))
+        names[match.weight] = full if full in candidates or not candidates else candidates[0]
+    return prefix, names
 
 
 def _example_value(node: Any) -> Optional[torch.Tensor]:
@@ -151,19 +272,23 @@ def _example_value(node: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _parameters(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, torch.Tensor]:
-    """Placeholders and ``get_attr`` nodes that hold 2D ``nn.Parameter``s."""
+def _parameters(gm: fx.GraphModule, example_inputs: Sequence[Any], stacked: bool = False) -> dict[fx.Node, torch.Tensor]:
+    """Placeholders and ``get_attr`` nodes that hold 2D ``nn.Parameter``s (``stacked``: 3D and more)."""
     params: dict[fx.Node, torch.Tensor] = {}
+
+    def wanted(value: Any) -> bool:
+        return isinstance(value, torch.nn.Parameter) and (value.dim() > 2 if stacked else value.dim() == 2)
+
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
-        if isinstance(example, torch.nn.Parameter) and example.dim() == 2:
+        if wanted(example):
             params[node] = example
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = gm
             for part in str(node.target).split("."):
                 value = getattr(value, part, None)
-            if isinstance(value, torch.nn.Parameter) and value.dim() == 2:
+            if wanted(value):
                 params[node] = value
     return params
 
@@ -172,44 +297,37 @@ def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Gra
     """Annotate every weight GEMM of ``gm`` and of the checkpoint regions it holds with its `GemmMatch` and
     `GemmSite` (see the module docstring). Weight GEMMs inside other higher-order ops are reported as
     unsupported on the op's node."""
-    _find(gm, example_inputs, itertools.count())
-    return gm
-
-
-def _find(gm: fx.GraphModule, example_inputs: Sequence[Any], positions: "itertools.count[int]") -> None:
-    params = _parameters(gm, example_inputs)
-    examples = examples_by_node(gm, example_inputs)
-    for node in gm.graph.nodes:
-        nested = nested_body(gm, node)
-        if nested is not None:
-            name, body = nested
-            if name in SUPPORTED_HIGHER_ORDER_OPS:
-                _find(body, operand_examples(node, name, examples), positions)
-            elif any(_match(n, _parameters(body, [None] * len(body.graph.nodes))) for n in body.graph.nodes):
-                node.meta[UNSUPPORTED] = f"weight GEMMs inside higher-order op {name!r} are not rewritten"
+    found: list[tuple[fx.Node, "GemmMatch | str", dict[fx.Node, torch.Tensor]]] = []
+    scoped: list[fx.Node] = []
+    _find(gm, example_inputs, found, scoped)
+    matches = [(node, match) for node, match, _ in found if isinstance(match, GemmMatch)]
+    params = {k: v for _, _, p in found for k, v in p.items()}
+    prefix, names = _model_prefix(gm, matches, params)
+    for node in scoped:
+        node.meta[SCOPES] = tuple((_join(prefix, path), cls) for path, cls in _scopes(node))
+    positions = itertools.count()
+    for node, match, params in found:
+        module = _join(prefix, _call_module(node))
+        if isinstance(match, GemmMatch):
+            module = _owner_inside(module, names.get(match.weight) or _join(prefix, _param_name(match.weight)))
+        if isinstance(match, str):
+            node.meta[UNSUPPORTED] = match
+            node.meta[MODULE] = module
             continue
-        if node.op not in ("call_function", "call_method"):
-            continue
-        found = _match(node, params)
-        if found is None:
-            continue
-        if isinstance(found, str):
-            node.meta[UNSUPPORTED] = found
-            continue
-        weight = params[found.weight]
-        n, k = (weight.shape[1], weight.shape[0]) if found.weight_is_kn else (weight.shape[0], weight.shape[1])
-        x_val = _example_value(found.x)
+        weight = params[match.weight]
+        n, k = (weight.shape[1], weight.shape[0]) if match.weight_is_kn else (weight.shape[0], weight.shape[1])
+        x_val = _example_value(match.x)
         if x_val is None or x_val.dim() < 1 or x_val.shape[-1] != k:
             node.meta[UNSUPPORTED] = f"could not read the activation's shape (expected (..., {k}))"
+            node.meta[MODULE] = module
             continue
-        weight_name = _param_name(found.weight)
-        module = _call_module(node) or weight_name.rsplit(".", 1)[0]
-        node.meta[MATCH] = found
+        weight_name = names.get(match.weight) or _join(prefix, _param_name(match.weight))
+        node.meta[MATCH] = match
         node.meta[SITE] = GemmSite(
             node=node.name,
-            module=module,
+            module=module if _call_module(node) else weight_name.rpartition(".")[0],
             weight=weight_name,
-            spelling=found.spelling,
+            spelling=match.spelling,
             in_features=int(k),
             out_features=int(n),
             input_shape=tuple(str(s) for s in x_val.shape),
@@ -217,3 +335,32 @@ def _find(gm: fx.GraphModule, example_inputs: Sequence[Any], positions: "itertoo
             trainable=bool(weight.requires_grad),
             position=next(positions),
         )
+    return gm
+
+
+def _find(gm: fx.GraphModule, example_inputs: Sequence[Any],
+          found: list[tuple[fx.Node, "GemmMatch | str", dict[fx.Node, torch.Tensor]]], scoped: list[fx.Node]) -> None:
+    """Collect, in graph order, each weight GEMM of ``gm`` and its checkpoint regions with its match (or the
+    reason it cannot be rewritten) and its graph's parameters, and every node that runs inside a module."""
+    params = _parameters(gm, example_inputs)
+    stacked = _parameters(gm, example_inputs, stacked=True)
+    examples = examples_by_node(gm, example_inputs)
+    for node in gm.graph.nodes:
+        if node.meta.get("nn_module_stack"):
+            scoped.append(node)
+        nested = nested_body(gm, node)
+        if nested is not None:
+            name, body = nested
+            if name in SUPPORTED_HIGHER_ORDER_OPS:
+                _find(body, operand_examples(node, name, examples), found, scoped)
+            elif any(_match(n, _parameters(body, [None] * len(body.graph.nodes))) for n in body.graph.nodes):
+                found.append((node, f"weight GEMMs inside higher-order op {name!r} are not rewritten", params))
+            continue
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if UNSUPPORTED in node.meta:  # marked by an earlier pass (decompose_attention)
+            found.append((node, node.meta[UNSUPPORTED], params))
+            continue
+        match = _match(node, params) or _stacked_gemm_reason(node, stacked)
+        if match is not None:
+            found.append((node, match, params))

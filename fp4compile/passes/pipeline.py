@@ -1,4 +1,5 @@
-"""The pass pipeline: find GEMMs -> find layers -> assign precision -> legalize -> choose GEMM paths -> rewrite.
+"""The pass pipeline: decompose attention -> find GEMMs -> find layers -> assign precision -> legalize ->
+choose GEMM paths -> rewrite.
 
 Each pass is a function from graph to graph; the pipeline keeps the code of the graph after each pass (for
 ``fp4compile dump``) and, when asked (tests set ``FP4COMPILE_VERIFY=1``), runs the verifier after each one.
@@ -17,6 +18,7 @@ from ..policy.schedule import FP4_PHASE, Phase
 from .annotate_layers import annotate_layers
 from .assign_precision import assign_precision
 from .choose_gemm_paths import choose_gemm_paths
+from .decompose_attention import decompose_attention
 from .find_gemms import find_gemm_sites
 from .legalize import legalize_precision
 from .rewrite import rewrite_gemms
@@ -80,6 +82,7 @@ def run_passes(
     work = copy_graph_module(gm)
     snapshots = [("input", work.code)]
     passes: list[tuple[str, Callable[[fx.GraphModule], fx.GraphModule]]] = [
+        ("decompose_attention", decompose_attention),
         ("find_gemm_sites", lambda g: find_gemm_sites(g, example_inputs)),
         ("annotate_layers", annotate_layers),
         ("assign_precision", lambda g: assign_precision(g, policy, phase)),

@@ -8,6 +8,7 @@ sites in high precision. See `fp4compile.recipes` for the published recipes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
@@ -15,7 +16,7 @@ from .precision import HIGH, Decision, GemmPrecision, Role
 from .schedule import PhaseSource
 from .site import GemmSite
 
-__all__ = ["Policy", "Rule", "Recipe"]
+__all__ = ["Policy", "Rule", "Recipe", "unmatched_patterns"]
 
 
 @runtime_checkable
@@ -85,7 +86,7 @@ class Recipe:
     """A training recipe: the precision of each role, and which sites stay in high precision.
 
     Decisions are taken in this order: user ``rules`` (first match wins), the output head (high precision
-    unless ``quantize_output_head``), the first and last blocks of the block stack, then the role default.
+    unless ``quantize_output_head``), the first and last blocks of each block stack, then the role default.
     """
 
     name: str
@@ -118,10 +119,11 @@ class Recipe:
         if site.is_output_head and not self.quantize_output_head:
             return Decision(HIGH, "output head stays in high precision (spec section 3)")
         if site.layer_index is not None and site.first_layer is not None and site.last_layer is not None:
+            of = f" of {site.stack}" if site.stack else ""
             if site.layer_index - site.first_layer < self.high_precision_first_blocks:
-                return Decision(HIGH, f"first {self.high_precision_first_blocks} block(s) stay in high precision")
+                return Decision(HIGH, f"first {self.high_precision_first_blocks} block(s){of} stay in high precision")
             if site.last_layer - site.layer_index < self.high_precision_last_blocks:
-                return Decision(HIGH, f"last {self.high_precision_last_blocks} block(s) stay in high precision")
+                return Decision(HIGH, f"last {self.high_precision_last_blocks} block(s){of} stay in high precision")
         return Decision(default, f"recipe {self.name}: {role.value}")
 
     def with_rules(self, *rules: Rule) -> "Recipe":
@@ -145,3 +147,14 @@ def high_precision_rules(
         names = ", ".join(Role(r).value for r in roles)
         rules.append(Rule(HIGH, roles=tuple(Role(r) for r in roles), name=f"high_precision roles {names}"))
     return tuple(rules)
+
+
+def unmatched_patterns(patterns: Sequence[str], paths: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The glob ``patterns`` (a `Rule`'s ``modules``) that match none of ``paths`` (module paths and weight
+    names), each with the nearest paths (by `difflib`): a pattern written with other names than the sites'
+    is reported instead of silently matching nothing."""
+    unmatched = []
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            unmatched.append((pattern, difflib.get_close_matches(pattern, sorted(set(paths)), n=3, cutoff=0.3)))
+    return unmatched

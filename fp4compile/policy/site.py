@@ -21,9 +21,11 @@ class GemmSite:
         in_features, out_features: ``K`` and ``N``.
         input_shape: the activation's shape as strings (symbolic sizes like ``s0`` under dynamic shapes).
         dtype: the activation dtype, e.g. ``torch.bfloat16``.
-        layer_index: the index of the repeated block that holds the site (found from module paths), or None.
-        first_layer, last_layer: the smallest and largest block index in the graph's block stack, or None.
-        is_output_head: the last weight GEMM of the forward graph outside the block stack.
+        stack: the module path of the block stack that holds the site (``transformer.h``, ``encoder.block``;
+            ``(root)`` for the root of an ``nn.Sequential``), or None outside any stack.
+        layer_index: the index of the block of ``stack`` that holds the site, or None.
+        first_layer, last_layer: the smallest and largest block index of that stack, or None.
+        is_output_head: the site runs after the last block stack of the forward graph (the prediction head).
         trainable: whether the weight requires a gradient (otherwise the weight-gradient GEMM never runs).
         position: the site's order in the graph.
     """
@@ -42,6 +44,7 @@ class GemmSite:
     is_output_head: bool = False
     trainable: bool = True
     position: int = 0
+    stack: Optional[str] = None
 
     def role_shape(self, role: str) -> tuple[str, str, str]:
         """``(M, N, K)`` of the GEMM in ``role`` (as strings; tokens may be symbolic)."""
