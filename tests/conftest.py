@@ -2,8 +2,20 @@ import os
 
 os.environ.setdefault("FP4COMPILE_VERIFY", "1")  # the graph verifier runs after every pass in tests
 
+import sys
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels are tested under Triton's interpreter. TRITON_INTERPRET must be set before
+# Triton is first imported: triton.language's own helpers (tl.zeros and the rest) are made interpreter or
+# compiled functions at import, and `import fp4compile` imports Triton (through torch.library.triton_op), so a
+# test module imported before the kernel tests would otherwise leave them compiled ones the interpreter cannot
+# call.
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("tests/conftest.py: Triton was imported before TRITON_INTERPRET=1 could be set")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
