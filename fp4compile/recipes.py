@@ -1,4 +1,4 @@
-"""The built-in recipes (../shared/docs/NVFP4.md sections 3-4) as `Recipe` policies.
+"""The built-in recipes (docs/numerics.md sections 3-4) as `Recipe` policies.
 
 >>> policy = fp4compile.recipes.nvfp4(high_precision=["*.attn.*"])
 >>> model = torch.compile(model, backend=fp4compile.backend(policy=policy))
@@ -19,7 +19,7 @@ RN, SR = "nearest", "stochastic"
 
 
 def nv_recipe_precisions(fmt: Fp4Format = NVFP4) -> tuple[GemmPrecision, GemmPrecision, GemmPrecision]:
-    """The three GEMMs of the NV recipe (spec section 3) in format ``fmt``.
+    """The three GEMMs of the NV recipe (docs/numerics.md section 3) in format ``fmt``.
 
     forward: x 1xB round-to-nearest, W BxB 2D round-to-nearest; input_grad: dy 1xB stochastic, the same 2D W;
     weight_grad: dy^T and x^T through the 16-point RHT, 1xB along tokens, dy^T stochastic, x^T nearest.
@@ -49,7 +49,7 @@ def nvfp4(
     quantize_output_head: bool = False,
     schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
-    """The NV recipe (the default policy; spec section 3).
+    """The NV recipe (the default policy; docs/numerics.md section 3).
 
     Args:
         high_precision_first_blocks, high_precision_last_blocks: blocks of the block stack whose linears stay
@@ -76,7 +76,7 @@ def mxfp4(
     schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
     """The NV recipe's structure in MXFP4 (32-element blocks, power-of-two scales, no tensor scale); NV's
-    comparison point (1.5% vs 2.5% loss gap to BF16 at 8B, spec section 3)."""
+    comparison point (1.5% vs 2.5% loss gap to BF16 at 8B, docs/numerics.md section 3)."""
     return _recipe("mxfp4", nv_recipe_precisions(MXFP4), high_precision_first_blocks, high_precision_last_blocks,
                    high_precision, high_precision_layers, high_precision_roles, rules, quantize_output_head, schedule)
 
@@ -91,7 +91,7 @@ def fp4_all_the_way(
     quantize_output_head: bool = False,
     schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
-    """FATW (spec section 4): NVFP4, 1D blocks along each GEMM's reduction axis (weights quantized once per
+    """FATW (docs/numerics.md section 4): NVFP4, 1D blocks along each GEMM's reduction axis (weights quantized once per
     orientation), round-to-nearest forward, stochastic rounding for the gradient operands of both backward
     GEMMs and for the activation of the weight-gradient GEMM, no Hadamard transform."""
     b = NVFP4.block_size

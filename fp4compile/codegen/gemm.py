@@ -1,8 +1,8 @@
 """The NVFP4 GEMM on Hopper: exact emulation through fp16 tensor cores, and the choice among its paths.
 
-``C = (D_a * D_b) * (A_u @ B_u^T) (+ bias)``, FP32 accumulation (spec section 2, "GEMM on two NVFP4 operands";
+``C = (D_a * D_b) * (A_u @ B_u^T) (+ bias)``, FP32 accumulation (docs/numerics.md section 2.4;
 the same semantics as `fp4compile.numerics.gemm.gemm_reference`). ``A_u = E2M1[c] * d_b`` is exact in float16
-(spec section 2, exactness fact), so any fp16 tensor-core GEMM with an FP32 accumulator computes the NVFP4
+(docs/numerics.md section 2.5), so any fp16 tensor-core GEMM with an FP32 accumulator computes the NVFP4
 product up to FP32 summation order; the per-tensor scales are the alpha of the epilogue.
 
 Paths (names recorded by the backend; see `choose_gemm_path`):
@@ -693,7 +693,7 @@ def gemm_dense(
 
 #: Shapes (M, N, K) where a measurement overrides `choose_gemm_path`'s rule; empty: on the H100 the rule picked
 #: the faster path at every GPT-2-small training shape and at 8192^3 (benchmarks/bench_gemm_dense.py,
-#: 2026-11-23, docs/benchmarks.md "Kernels (issue 5)").
+#: 2026-11-23, docs/benchmarks.md "Kernels").
 MEASURED_PATH_TABLE: dict[tuple[int, int, int], str] = {}
 
 

@@ -1,7 +1,8 @@
 """Fused Triton kernels: tensor amax, block-scaled FP4 quantization and exact dequantization.
 
-Spec: ../shared/docs/NVFP4.md section 2 (quantization, in FP32, in that order) and section 3 (the 16-point
-random Hadamard transform). Every kernel here is bit-exact with `fp4compile.numerics.reference`:
+Spec: docs/numerics.md section 2 (quantization, in FP32, in that order) and section 3.3 (the 16-point
+random Hadamard transform), called "the spec" below; "spec step N" is step N of its section 2. Every kernel
+here is bit-exact with `fp4compile.numerics.reference`:
 
 * every division the spec needs correctly rounded is ``tl.div_rn`` (plain ``/`` is approximate in Triton);
 * E4M3 / UE8M0 rounding is written in integer bit arithmetic, so it runs the same under ``TRITON_INTERPRET=1``
@@ -12,7 +13,7 @@ random Hadamard transform). Every kernel here is bit-exact with `fp4compile.nume
   row-major order of the quantized ``(rows, K)`` layout, exactly as `fp4compile.numerics.philox.uniform24`
   (`_philox4x32` is the same Philox4x32-10, one Philox call per 4 elements).
 
-Speed (issue 5; docs/benchmarks.md has the H100 numbers): each thread holds whole blocks (and whole RHT runs)
+Speed (docs/benchmarks.md has the H100 numbers): each thread holds whole blocks (and whole RHT runs)
 in registers, so block maxima, scales and the packing of 8 codes into an int32 word need no data exchange;
 E2M1 round-to-nearest-even is one float add (`_e2m1_rne`) and stochastic rounding one integer add or one
 compare (`_e2m1_stochastic`) instead of chains of threshold compares; stores go through shared memory into
