@@ -13,7 +13,7 @@ from .policy.precision import HIGH, GemmPrecision, OperandPrecision, Role
 from .policy.recipe import Recipe, Rule, high_precision_rules
 from .policy.schedule import PhaseSource
 
-__all__ = ["nvfp4", "fp4_all_the_way", "mxfp4", "high_precision", "nv_recipe_precisions"]
+__all__ = ["nvfp4", "fp4_all_the_way", "mxfp4", "high_precision", "nv_recipe_precisions", "from_name", "RECIPE_NAMES"]
 
 RN, SR = "nearest", "stochastic"
 
@@ -105,3 +105,25 @@ def fp4_all_the_way(
 def high_precision() -> Recipe:
     """Every GEMM in high precision: the control that changes nothing."""
     return Recipe("high_precision", HIGH, HIGH, HIGH)
+
+
+#: The names `from_name` accepts: the constructors above.
+RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "fp4_all_the_way", "mxfp4", "high_precision")
+_CONSTRUCTORS = {"nvfp4": nvfp4, "fp4_all_the_way": fp4_all_the_way, "mxfp4": mxfp4, "high_precision": high_precision}
+
+
+def from_name(name: str, **kwargs) -> Recipe:
+    """The built-in recipe called ``name`` (one of `RECIPE_NAMES`), built with ``kwargs``.
+
+    This is what a policy given as a string means: ``torch.compile(model, backend="fp4",
+    options={"policy": "fp4_all_the_way"})`` and ``fp4compile.backend(policy="nvfp4")``.
+
+    >>> from_name("nvfp4", high_precision=["*.attn.*"])
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"fp4compile.recipes.from_name: name must be a str, got {type(name).__name__}")
+    key = name.strip().lower().replace("-", "_")
+    if key not in RECIPE_NAMES:
+        raise ValueError(f"unknown recipe name {name!r}: fp4compile.recipes has {', '.join(RECIPE_NAMES)} "
+                         f"(or pass a policy object, e.g. fp4compile.recipes.nvfp4(...))")
+    return _CONSTRUCTORS[key](**kwargs)

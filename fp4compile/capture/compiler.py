@@ -49,18 +49,28 @@ class CompileReport:
         return [r for r in self.rows if r.reason.startswith("fallback:")]
 
 
-def _default_policy() -> Policy:
-    from ..recipes import nvfp4
+def _resolve_policy(policy: "Policy | str | None") -> Policy:
+    """The policy a backend runs: the NV recipe when None, `fp4compile.recipes.from_name` for a string."""
+    from .. import recipes
 
-    return nvfp4()
+    if policy is None:
+        return recipes.nvfp4()
+    if isinstance(policy, str):
+        return recipes.from_name(policy)
+    if not callable(getattr(policy, "decide", None)):
+        raise TypeError(f"policy must be a recipe name ({', '.join(recipes.RECIPE_NAMES)}), a recipe from "
+                        f"fp4compile.recipes, or an object with a decide(site, role) method; got "
+                        f"{type(policy).__name__}")
+    return policy
 
 
 class Fp4Backend:
     """A torch.compile backend that runs the GEMMs a ``policy`` picks in FP4.
 
     Args:
-        policy: anything with ``decide(site, role) -> Decision`` (default: `fp4compile.recipes.nvfp4()`); a
-            ``schedule`` attribute, if present, makes the precision change with ``step_counter``.
+        policy: anything with ``decide(site, role) -> Decision`` (default: `fp4compile.recipes.nvfp4()`), or
+            the name of a built-in recipe (`fp4compile.recipes.from_name`); a ``schedule`` attribute, if
+            present, makes the precision change with ``step_counter``.
         inner: ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``: compiles everything else.
         step_counter: the `StepCounter` a schedule reads (one is created if not given).
         dump_dir: where to write the precision table (default: ``FP4COMPILE_DUMP``).
@@ -75,13 +85,11 @@ class Fp4Backend:
 
     __name__ = "fp4"
 
-    def __init__(self, policy: Optional[Policy] = None, inner: Optional[str] = None,
+    def __init__(self, policy: "Policy | str | None" = None, inner: Optional[str] = None,
                  step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
                  verify: Optional[bool] = None, cudagraphs: bool = False,
                  model: "Optional[torch.nn.Module]" = None) -> None:
-        self.policy = policy if policy is not None else _default_policy()
-        if not callable(getattr(self.policy, "decide", None)):
-            raise TypeError(f"policy must have a decide(site, role) method, got {type(self.policy).__name__}")
+        self.policy = _resolve_policy(policy)
         self.inner = inner or env.inner_compiler() or "inductor"
         if self.inner not in INNER_COMPILERS:
             raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
@@ -195,7 +203,7 @@ class Fp4Backend:
                     f.write(code)
             with open(os.path.join(folder, "precision_table.json"), "w") as f:
                 f.write(json.dumps([r.to_dict() for r in report.rows], indent=1))
-        # --- fp4compile dump (issue 6): report.html and numerics; see fp4compile/inspect/dump.py ---
+        # --- fp4compile dump: report.html and numerics; see fp4compile/inspect/dump.py ---
         from ..inspect.dump import on_backend_dump
 
         on_backend_dump(self)
@@ -206,7 +214,7 @@ class Fp4Backend:
 _REGISTRY: dict[tuple, Fp4Backend] = {}
 
 
-def backend(policy: Optional[Policy] = None, inner: Optional[str] = None,
+def backend(policy: "Policy | str | None" = None, inner: Optional[str] = None,
             step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
             verify: Optional[bool] = None, cudagraphs: bool = False,
             model: "Optional[torch.nn.Module]" = None) -> Fp4Backend:
@@ -218,14 +226,33 @@ def backend(policy: Optional[Policy] = None, inner: Optional[str] = None,
 
 def fp4_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
                 mode: Optional[str] = None) -> Callable:
-    """The entry point behind ``backend="fp4"``; ``options`` are `backend`'s keyword arguments."""
+    """The entry point behind ``backend="fp4"``; ``options`` are `backend`'s keyword arguments.
+
+    Dynamo calls it at the first call of the compiled model, not at ``torch.compile``, and wraps what it raises
+    in a long traceback: a bad option is therefore also logged as an error first, so the reason is the first
+    thing printed. ``fp4compile.backend(...)`` checks its arguments when it is called, before ``torch.compile``.
+    """
+    try:
+        the_backend = backend(**_backend_options(options, mode))
+    except (TypeError, ValueError) as exc:
+        logger.error("fp4compile: torch.compile(backend='fp4', options=...): %s", exc)
+        raise
+    return the_backend(gm, example_inputs)
+
+
+_OPTIONS = ("policy", "inner", "step_counter", "dump_dir", "verify", "cudagraphs", "model")
+
+
+def _backend_options(options: Optional[dict], mode: Optional[str]) -> dict:
+    """``torch.compile``'s ``options`` and ``mode`` as `backend`'s keyword arguments, checked."""
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"backend 'fp4': options must be a dict, got {type(options).__name__}")
     options = dict(options or {})
-    allowed = {"policy", "inner", "step_counter", "dump_dir", "verify", "cudagraphs", "model"}
-    unknown = set(options) - allowed
+    unknown = set(options) - set(_OPTIONS)
     if unknown:
-        raise ValueError(f"backend 'fp4': unknown option(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
+        raise ValueError(f"backend 'fp4': unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTIONS)}")
     if mode == "reduce-overhead":
         options.setdefault("cudagraphs", True)
     elif mode not in (None, "default"):
         logger.warning("fp4compile: torch.compile mode %r is ignored by the fp4 backend", mode)
-    return backend(**options)(gm, example_inputs)
+    return options
