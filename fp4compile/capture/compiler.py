@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 import torch.fx as fx
 
 from .. import env
@@ -167,7 +168,10 @@ class Fp4Backend:
             gm = copy_graph_module(gm)  # the placement differs per variant: Dynamo's graph stays untouched
             gm.meta[PLACEMENT] = placement
         result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify)
-        report = CompileReport(graph_id, phase.name, precision_table(result.annotated, graph_id), result.snapshots)
+        # Dynamo compiles a graph under the grad mode it was traced in: without gradients (an evaluation under
+        # torch.no_grad()) only the forward GEMMs run, so the table has no backward rows for it.
+        rows = precision_table(result.annotated, graph_id, training=torch.is_grad_enabled())
+        report = CompileReport(graph_id, phase.name, rows, result.snapshots)
         self.reports.append(report)
         if report.fallbacks:
             listed = "; ".join(f"{r.module or r.node} {r.role}: {r.reason}" for r in report.fallbacks)
@@ -186,14 +190,17 @@ class Fp4Backend:
         return compiled
 
     def _write_dump(self) -> None:
-        os.makedirs(self.dump_dir, exist_ok=True)
+        from ..inspect.dump import dump_folder, on_backend_dump
+
+        out = dump_folder(self)  # dump_dir, or a subfolder of it when another backend writes there too
+        os.makedirs(out, exist_ok=True)
         rows = self.rows()
-        with open(os.path.join(self.dump_dir, "precision_table.json"), "w") as f:
+        with open(os.path.join(out, "precision_table.json"), "w") as f:
             f.write(rows_to_json(rows))
-        with open(os.path.join(self.dump_dir, "precision_table.md"), "w") as f:
+        with open(os.path.join(out, "precision_table.md"), "w") as f:
             f.write(rows_to_markdown(rows))
         for report in self.reports:
-            folder = os.path.join(self.dump_dir, report.graph, report.phase)
+            folder = os.path.join(out, report.graph, report.phase)
             os.makedirs(folder, exist_ok=True)
             for i, (name, code) in enumerate(report.pass_code):
                 with open(os.path.join(folder, f"pass_{i}_{name}.py"), "w") as f:
@@ -203,11 +210,7 @@ class Fp4Backend:
                     f.write(code)
             with open(os.path.join(folder, "precision_table.json"), "w") as f:
                 f.write(json.dumps([r.to_dict() for r in report.rows], indent=1))
-        # --- fp4compile dump: report.html and numerics; see fp4compile/inspect/dump.py ---
-        from ..inspect.dump import on_backend_dump
-
-        on_backend_dump(self)
-        # --- end fp4compile dump ---
+        on_backend_dump(self)  # report.html and numerics; see fp4compile/inspect/dump.py
 
 
 # The backend's registry: one instance per configuration, so repeated compiles share their reports.
