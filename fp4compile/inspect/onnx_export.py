@@ -47,6 +47,7 @@ import io
 import logging
 import os
 import re
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -274,7 +275,11 @@ def export_onnx(rewritten: fx.GraphModule, example_inputs: Sequence[Any], path: 
     level = registry_logger.level
     registry_logger.setLevel(logging.ERROR)  # "torchvision is not installed" warnings: not ours to show
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            # torch.export's run_decompositions deep-copies its module call graph, whose pytree specs warn that
+            # `isinstance(treespec, LeafSpec)` is deprecated (torch 2.13): torch's own call, nothing we pass.
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
             program = torch.onnx.export(gm, tuple(user_inputs), dynamo=True, opset_version=ONNX_OPSET,
                                         custom_translation_table=table, optimize=True, verbose=False)
     except Exception as exc:
