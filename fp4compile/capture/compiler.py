@@ -2,6 +2,7 @@
 
     torch.compile(model, backend="fp4")                                   # the NV recipe
     torch.compile(model, backend="fp4", options={"policy": fp4compile.recipes.fp4_all_the_way()})
+    torch.compile(model, backend="fp4", options={"policy": "fp4_all_the_way"})   # a recipe by name
     torch.compile(model, backend=fp4compile.backend(policy=..., inner="inductor"))
 
 The string name is found through the ``torch_dynamo_backends`` entry point (`fp4_backend`), so it works in a

@@ -50,7 +50,7 @@ def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
 
 def dequantized_dtype(op: OperandPrecision) -> torch.dtype:
     """The dtype of the exact unscaled operand ``E2M1[c] * d_b``: float16 holds every E2M1 value times every
-    E4M3 scale exactly (docs/numerics.md section 2); other scale formats span more range, so float32."""
+    E4M3 scale exactly (docs/numerics.md section 2.5); other scale formats span more range, so float32."""
     return torch.float16 if op.format.scale_format.name == "e4m3" else torch.float32
 
 
