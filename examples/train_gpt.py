@@ -103,7 +103,8 @@ def plot_losses(curves: dict, val_curves: dict, args, cfg: GPTConfig, path: str,
         ax.set_xlabel("step"), ax.set_ylabel("validation loss gap (%)"), ax.grid(alpha=0.3)
         ax.set_title(f"{names.get(other, other)} vs high precision: {gap[-1]:+.2f}% at the end")
     size = f"{cfg.n_layer} layers x {cfg.n_embd}"
-    fig.suptitle(f"train_gpt: byte-level GPT ({size}), {args.steps} steps of {args.batch_size}x{args.block_size}")
+    fig.suptitle(f"train_gpt: byte-level GPT ({size}), {args.steps} steps, "
+                 f"batch {args.batch_size} x {args.block_size} bytes")
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

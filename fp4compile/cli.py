@@ -69,8 +69,8 @@ def _show(path: str, only_fp4: bool, console=None) -> int:
 
     data = load_dump(path)
     by_label = data.numerics_by_label()
-    columns = ["graph", "module", "role", "precision", "lhs", "rhs", "M x N x K", "SQNR lhs", "SQNR rhs", "underflow", "saturated",
-               "reason"]
+    columns = ["graph", "module", "role", "precision", "lhs", "rhs", "M x N x K", "SQNR lhs", "SQNR rhs", "underflow",
+               "saturated", "reason"]
     lines = []
     for r in data.rows:
         if only_fp4 and r["precision"] == "high":
@@ -78,7 +78,8 @@ def _show(path: str, only_fp4: bool, console=None) -> int:
         lhs, rhs = by_label.get(f"{r['module']}:{r['role']}:lhs"), by_label.get(f"{r['module']}:{r['role']}:rhs")
         ops = [o for o in (lhs, rhs) if o is not None]
         lines.append([
-            graph_label(r), r["module"] or r.get("node", ""), r["role"], r["precision"], r["lhs"], r["rhs"], " x ".join(r["shape"]),
+            graph_label(r), r["module"] or r.get("node", ""), r["role"], r["precision"], r["lhs"], r["rhs"],
+            " x ".join(r["shape"]),
             _fmt(lhs.sqnr_db if lhs else None, ".1f"), _fmt(rhs.sqnr_db if rhs else None, ".1f"),
             _fmt(max(o.underflow_fraction for o in ops) if ops else None, ".2%"),
             _fmt(max(o.saturated_fraction for o in ops) if ops else None, ".2%"), r["reason"],

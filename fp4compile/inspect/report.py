@@ -268,7 +268,8 @@ def _table_html(data: DumpData) -> str:
         rhs = by_label.get(f"{r['module']}:{r['role']}:rhs")
         pair = lambda f, a, b: f"{f(a)} / {f(b)}" if (a is not None or b is not None) else "–"  # noqa: E731
         body.append(
-            f"<tr><td>{html.escape(graph_label(r))}</td><td>{html.escape(r['module'] or r.get('node', ''))}</td><td>{html.escape(r['role'])}</td>"
+            f"<tr><td>{html.escape(graph_label(r))}</td>"
+            f"<td>{html.escape(r['module'] or r.get('node', ''))}</td><td>{html.escape(r['role'])}</td>"
             f"<td class=\"p-{html.escape(r['precision'])}\">{html.escape(r['precision'])}</td>"
             f"<td>{html.escape(r['lhs'])}</td><td>{html.escape(r['rhs'])}</td>"
             f"<td>{html.escape(' x '.join(r['shape']))}</td>"
