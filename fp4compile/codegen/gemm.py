@@ -833,8 +833,8 @@ def gemm_quantize_a(
     """``gemm(quantize(x, "nvfp4"), b, ...)`` with x quantized (1x16 along K, round to nearest) inside the GEMM
     prologue: the same codes and scales as `quantize_triton`, never written to memory.
 
-    The tensor amax must be known before the first block scale (spec step 2): pass ``amax`` (float32 0-dim,
-    e.g. from `tensor_amax_triton`) or it is computed here by the reduction kernel. B is loaded packed (or
+    The tensor amax must be known before the first block scale (docs/numerics.md section 2, step 2): pass
+    ``amax`` (float32 0-dim, e.g. from `tensor_amax_triton`) or it is computed here by the reduction kernel. B is loaded packed (or
     from ``b_dequantized``, its exact fp16 operand in the stored layout).
     """
     k = x.shape[-1]

@@ -111,7 +111,7 @@ def e2m1_codes_stochastic(v: torch.Tensor, seed: "int | torch.Tensor", offset: "
     """E2M1 codes of float32 ``v`` (clamped to [-6, 6]) with unbiased stochastic rounding.
 
     The magnitude rounds up to the next grid point with probability equal to its fractional distance from
-    the grid point below (spec section 2 step 5). Element ``i`` of ``v`` in row-major order draws its uniform
+    the grid point below (spec section 2.2). Element ``i`` of ``v`` in row-major order draws its uniform
     from Philox4x32-10 at counter ``offset + i // 4``, word ``i % 4`` (see `philox.uniform24`).
     """
     mag = v.abs()
