@@ -834,8 +834,8 @@ def gemm_quantize_a(
     prologue: the same codes and scales as `quantize_triton`, never written to memory.
 
     The tensor amax must be known before the first block scale (docs/numerics.md section 2, step 2): pass
-    ``amax`` (float32 0-dim, e.g. from `tensor_amax_triton`) or it is computed here by the reduction kernel. B is loaded packed (or
-    from ``b_dequantized``, its exact fp16 operand in the stored layout).
+    ``amax`` (float32 0-dim, e.g. from `tensor_amax_triton`) or it is computed here by the reduction kernel. B is
+    loaded packed (or from ``b_dequantized``, its exact fp16 operand in the stored layout).
     """
     k = x.shape[-1]
     lead = x.shape[:-1]
