@@ -57,8 +57,8 @@ def launch(run: Run, common: list[str], timeout: float, env: dict) -> tuple[int,
     cmd += list(run.argv) + common
     print(f"\n=== {run.label}: {' '.join(cmd)}", flush=True)
     start = time.time()
-    # A session of its own: on timeout the whole group (torchrun and its workers) is stopped, so no worker is
-    # left holding a GPU for the next run.
+    # A process group of its own (start_new_session): on timeout the whole group (torchrun and its workers) is
+    # stopped, so no worker is left holding a GPU for the next run.
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         rc = proc.wait(timeout=timeout)

@@ -1,4 +1,4 @@
-"""Issue 5 kernels on the GPU: correctness first, then quantize bandwidth and GEMM TFLOP/s side by side.
+"""The quantize and GEMM kernels on the GPU: correctness first, then quantize bandwidth and GEMM TFLOP/s side by side.
 
     PYTHONPATH=. python3 benchmarks/bench_kernels.py [--quick] [--tiles] [--quantize-only] [--before OLD_QUANTIZE_PY]
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --sr [--before OLD_QUANTIZE_PY]   # SR beside its RTN twins

@@ -75,11 +75,12 @@ def _fmt(value: Optional[float], spec: str) -> str:
 
 def _show(path: str, only_fp4: bool, console=None) -> int:
     from .inspect.layout import load_dump
+    from .inspect.table import graph_label
 
     data = load_dump(path)
     by_label = data.numerics_by_label()
-    columns = ["module", "role", "precision", "lhs", "rhs", "M x N x K", "SQNR lhs", "SQNR rhs", "underflow", "saturated",
-               "reason"]
+    columns = ["graph", "module", "role", "precision", "lhs", "rhs", "M x N x K", "SQNR lhs", "SQNR rhs", "underflow",
+               "saturated", "reason"]
     lines = []
     for r in data.rows:
         if only_fp4 and r["precision"] == "high":
@@ -87,7 +88,8 @@ def _show(path: str, only_fp4: bool, console=None) -> int:
         lhs, rhs = by_label.get(f"{r['module']}:{r['role']}:lhs"), by_label.get(f"{r['module']}:{r['role']}:rhs")
         ops = [o for o in (lhs, rhs) if o is not None]
         lines.append([
-            r["module"] or r.get("node", ""), r["role"], r["precision"], r["lhs"], r["rhs"], " x ".join(r["shape"]),
+            graph_label(r), r["module"] or r.get("node", ""), r["role"], r["precision"], r["lhs"], r["rhs"],
+            " x ".join(r["shape"]),
             _fmt(lhs.sqnr_db if lhs else None, ".1f"), _fmt(rhs.sqnr_db if rhs else None, ".1f"),
             _fmt(max(o.underflow_fraction for o in ops) if ops else None, ".2%"),
             _fmt(max(o.saturated_fraction for o in ops) if ops else None, ".2%"), r["reason"],
@@ -95,6 +97,9 @@ def _show(path: str, only_fp4: bool, console=None) -> int:
     n_fp4 = sum(r["precision"] != "high" for r in data.rows)
     title = (f"fp4compile dump {path}: {len({r['module'] for r in data.rows})} GEMM sites, {n_fp4}/{len(data.rows)} "
              f"roles in FP4, {len(data.numerics)} quantized operands")
+    models = data.manifest.get("models") or []
+    if models:  # other compiled models of the same process, each in a subfolder (fp4compile/inspect/dump.py)
+        title += f"; other compiled models: {', '.join(os.path.join(path, m) for m in models)}"
     try:
         from rich.console import Console
         from rich.table import Table
@@ -109,7 +114,7 @@ def _show(path: str, only_fp4: bool, console=None) -> int:
         table.add_column(c, justify="right" if c.startswith(("SQNR", "under", "satur")) else "left",
                          overflow="fold", no_wrap=c not in ("reason",))
     for line in lines:
-        style = "green" if line[2] != "high" else None
+        style = "green" if line[3] != "high" else None
         table.add_row(*line, style=style)
     (console or Console(width=max(200, Console().width))).print(table)
     return 0

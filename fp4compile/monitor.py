@@ -1,4 +1,4 @@
-"""FATW's gradient-noise monitor (spec section 4): is quantized training still helping this layer?
+"""FATW's gradient-noise monitor (docs/numerics.md section 4): is quantized training still helping this layer?
 
 FATW's criterion: quantized training stops helping once the gradient norm falls below about sqrt(3) times the
 quantization noise of the gradient. The monitor measures, for every quantized layer, the ratio

@@ -1,4 +1,4 @@
-"""The built-in recipes (../shared/docs/NVFP4.md sections 3-4) as `Recipe` policies.
+"""The built-in recipes (docs/numerics.md sections 3-4) as `Recipe` policies.
 
 >>> policy = fp4compile.recipes.nvfp4(high_precision=["*.attn.*"])
 >>> model = torch.compile(model, backend=fp4compile.backend(policy=policy))
@@ -17,14 +17,14 @@ from .policy.schedule import PhaseSource
 if TYPE_CHECKING:
     from .inspect.sensitivity import SensitivityReport
 
-__all__ = ["nvfp4", "fp4_all_the_way", "mxfp4", "high_precision", "nv_recipe_precisions", "from_sensitivity",
-           "high_precision_flop_fraction"]
+__all__ = ["nvfp4", "fp4_all_the_way", "mxfp4", "high_precision", "nv_recipe_precisions", "from_name", "RECIPE_NAMES",
+           "from_sensitivity", "high_precision_flop_fraction"]
 
 RN, SR = "nearest", "stochastic"
 
 
 def nv_recipe_precisions(fmt: Fp4Format = NVFP4) -> tuple[GemmPrecision, GemmPrecision, GemmPrecision]:
-    """The three GEMMs of the NV recipe (spec section 3) in format ``fmt``.
+    """The three GEMMs of the NV recipe (docs/numerics.md section 3) in format ``fmt``.
 
     forward: x 1xB round-to-nearest, W BxB 2D round-to-nearest; input_grad: dy 1xB stochastic, the same 2D W;
     weight_grad: dy^T and x^T through the 16-point RHT, 1xB along tokens, dy^T stochastic, x^T nearest.
@@ -54,7 +54,7 @@ def nvfp4(
     quantize_output_head: bool = False,
     schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
-    """The NV recipe (the default policy; spec section 3).
+    """The NV recipe (the default policy; docs/numerics.md section 3).
 
     Args:
         high_precision_first_blocks, high_precision_last_blocks: blocks of each block stack whose linears stay
@@ -81,7 +81,7 @@ def mxfp4(
     schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
     """The NV recipe's structure in MXFP4 (32-element blocks, power-of-two scales, no tensor scale); NV's
-    comparison point (1.5% vs 2.5% loss gap to BF16 at 8B, spec section 3)."""
+    comparison point (1.5% vs 2.5% loss gap to BF16 at 8B, docs/numerics.md section 3)."""
     return _recipe("mxfp4", nv_recipe_precisions(MXFP4), high_precision_first_blocks, high_precision_last_blocks,
                    high_precision, high_precision_layers, high_precision_roles, rules, quantize_output_head, schedule)
 
@@ -96,7 +96,7 @@ def fp4_all_the_way(
     quantize_output_head: bool = False,
     schedule: Optional[PhaseSource] = None,
 ) -> Recipe:
-    """FATW (spec section 4): NVFP4, 1D blocks along each GEMM's reduction axis (weights quantized once per
+    """FATW (docs/numerics.md section 4): NVFP4, 1D blocks along each GEMM's reduction axis (weights quantized once per
     orientation), round-to-nearest forward, stochastic rounding for the gradient operands of both backward
     GEMMs and for the activation of the weight-gradient GEMM, no Hadamard transform."""
     b = NVFP4.block_size
@@ -110,6 +110,28 @@ def fp4_all_the_way(
 def high_precision() -> Recipe:
     """Every GEMM in high precision: the control that changes nothing."""
     return Recipe("high_precision", HIGH, HIGH, HIGH)
+
+
+#: The names `from_name` accepts: the constructors above.
+RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "fp4_all_the_way", "mxfp4", "high_precision")
+_CONSTRUCTORS = {"nvfp4": nvfp4, "fp4_all_the_way": fp4_all_the_way, "mxfp4": mxfp4, "high_precision": high_precision}
+
+
+def from_name(name: str, **kwargs) -> Recipe:
+    """The built-in recipe called ``name`` (one of `RECIPE_NAMES`), built with ``kwargs``.
+
+    This is what a policy given as a string means: ``torch.compile(model, backend="fp4",
+    options={"policy": "fp4_all_the_way"})`` and ``fp4compile.backend(policy="nvfp4")``.
+
+    >>> from_name("nvfp4", high_precision=["*.attn.*"])
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"fp4compile.recipes.from_name: name must be a str, got {type(name).__name__}")
+    key = name.strip().lower().replace("-", "_")
+    if key not in RECIPE_NAMES:
+        raise ValueError(f"unknown recipe name {name!r}: fp4compile.recipes has {', '.join(RECIPE_NAMES)} "
+                         f"(or pass a policy object, e.g. fp4compile.recipes.nvfp4(...))")
+    return _CONSTRUCTORS[key](**kwargs)
 
 
 def high_precision_flop_fraction(report: "SensitivityReport", policy: Optional[Recipe] = None) -> float:

@@ -1,4 +1,4 @@
-"""An independent implementation of NVFP4 quantization (spec section 2), in NumPy with ml_dtypes.
+"""An independent implementation of NVFP4 quantization (docs/numerics.md section 2), in NumPy with ml_dtypes.
 
 It shares no code with fp4compile: E4M3 rounding comes from ml_dtypes, E2M1 rounding is a nearest-grid-point
 search with ties to the even code (instead of thresholds), stochastic rounding finds the grid neighbours by

@@ -1,4 +1,4 @@
-"""The Triton quantize kernels against the reference quantizer, bit for bit (spec section 5).
+"""The Triton quantize kernels against the reference quantizer, bit for bit (docs/numerics.md section 5).
 
 On a machine without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set below before any Triton kernel
 is defined) at small sizes; on CUDA the same tests run compiled, and the ``gpu`` tests add full sizes.

@@ -1,4 +1,4 @@
-"""The gradient-noise monitor (FATW, spec section 4) and the schedules, on CPU."""
+"""The gradient-noise monitor (FATW, docs/numerics.md section 4) and the schedules, on CPU."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reference quantizer against spec section 2 (../shared/docs/NVFP4.md), bit for bit."""
+"""The reference quantizer against docs/numerics.md section 2, bit for bit."""
 
 import math
 
@@ -12,7 +12,7 @@ from fp4compile.numerics.rounding import e2m1_values, round_to_float_format
 from independent_nvfp4 import dequantize as np_dequantize
 from independent_nvfp4 import philox4x32_10, quantize_nvfp4_1x16
 
-# Expected code of each magnitude (spec section 2 step 5): thresholds and their ties.
+# Expected code of each magnitude (docs/numerics.md section 2 step 5): thresholds and their ties.
 THRESHOLD_CASES = [
     (0.0, 0), (0.25, 0), (0.2500001, 1), (0.5, 1), (0.7499999, 1), (0.75, 2), (1.0, 2), (1.25, 2),
     (1.2500001, 3), (1.5, 3), (1.7499999, 3), (1.75, 4), (2.0, 4), (2.5, 4), (2.5000002, 5), (3.0, 5),
@@ -131,7 +131,8 @@ def test_tensor_amax_extremes_stay_finite_and_close(amax):
         assert qt.per_tensor_scale.item() == 1.0 and torch.count_nonzero(deq) == 0
     elif amax >= 1e-30:
         assert (deq - x).abs().max() <= 0.5 * x.abs().max()
-        # The amax element maps to 6 * 448 * D, equal to amax up to the rounding of D = 1/S (spec step 2).
+        # The amax element maps to 6 * 448 * D, equal to amax up to the rounding of D = 1/S (docs/numerics.md section 2
+        # step 2).
         assert abs(deq.abs().max() / x.abs().max() - 1) <= 2.0**-22
 
 
@@ -187,7 +188,7 @@ def test_2d_tiles_share_one_scale_per_tile():
     assert torch.equal(qt.scale, torch.clamp(tile_amax * (s * torch.tensor(1 / 6)), max=448).to(torch.float8_e4m3fn))
 
 
-# --- stochastic rounding (spec section 5) -------------------------------------------------------------
+# --- stochastic rounding (docs/numerics.md sections 2.2 and 5) --------------------------------------------------------
 
 def _scaled(x, qt):
     """The exact spec values x * e_b (step 4-5) that stochastic rounding rounds, clamped to [-6, 6]."""

@@ -2,6 +2,7 @@
 
     torch.compile(model, backend="fp4")                                   # the NV recipe
     torch.compile(model, backend="fp4", options={"policy": fp4compile.recipes.fp4_all_the_way()})
+    torch.compile(model, backend="fp4", options={"policy": "fp4_all_the_way"})   # a recipe by name
     torch.compile(model, backend=fp4compile.backend(policy=..., inner="inductor"))
 
 The string name is found through the ``torch_dynamo_backends`` entry point (`fp4_backend`), so it works in a
@@ -51,18 +52,28 @@ class CompileReport:
         return [r for r in self.rows if r.reason.startswith("fallback:")]
 
 
-def _default_policy() -> Policy:
-    from ..recipes import nvfp4
+def _resolve_policy(policy: "Policy | str | None") -> Policy:
+    """The policy a backend runs: the NV recipe when None, `fp4compile.recipes.from_name` for a string."""
+    from .. import recipes
 
-    return nvfp4()
+    if policy is None:
+        return recipes.nvfp4()
+    if isinstance(policy, str):
+        return recipes.from_name(policy)
+    if not callable(getattr(policy, "decide", None)):
+        raise TypeError(f"policy must be a recipe name ({', '.join(recipes.RECIPE_NAMES)}), a recipe from "
+                        f"fp4compile.recipes, or an object with a decide(site, role) method; got "
+                        f"{type(policy).__name__}")
+    return policy
 
 
 class Fp4Backend:
     """A torch.compile backend that runs the GEMMs a ``policy`` picks in FP4.
 
     Args:
-        policy: anything with ``decide(site, role) -> Decision`` (default: `fp4compile.recipes.nvfp4()`); a
-            ``schedule`` attribute, if present, makes the precision change with ``step_counter``.
+        policy: anything with ``decide(site, role) -> Decision`` (default: `fp4compile.recipes.nvfp4()`), or
+            the name of a built-in recipe (`fp4compile.recipes.from_name`); a ``schedule`` attribute, if
+            present, makes the precision change with ``step_counter``.
         inner: ``"inductor"`` (default), ``"aot_eager"`` or ``"eager"``: compiles everything else.
         step_counter: the `StepCounter` a schedule reads (one is created if not given).
         dump_dir: where to write the precision table (default: ``FP4COMPILE_DUMP``).
@@ -77,13 +88,11 @@ class Fp4Backend:
 
     __name__ = "fp4"
 
-    def __init__(self, policy: Optional[Policy] = None, inner: Optional[str] = None,
+    def __init__(self, policy: "Policy | str | None" = None, inner: Optional[str] = None,
                  step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
                  verify: Optional[bool] = None, cudagraphs: bool = False,
                  model: Optional[torch.nn.Module] = None) -> None:
-        self.policy = policy if policy is not None else _default_policy()
-        if not callable(getattr(self.policy, "decide", None)):
-            raise TypeError(f"policy must have a decide(site, role) method, got {type(self.policy).__name__}")
+        self.policy = _resolve_policy(policy)
         self.inner = inner or env.inner_compiler() or "inductor"
         if self.inner not in INNER_COMPILERS:
             raise ValueError(f"inner must be one of {INNER_COMPILERS}, got {self.inner!r}")
@@ -167,7 +176,10 @@ class Fp4Backend:
                 gm.meta[PARAMETER_NAMES] = self.layout.names_of
         result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify,
                              cudagraphs=self.cudagraphs and self.inner == "inductor")
-        report = CompileReport(graph_id, phase.name, precision_table(result.annotated, graph_id), result.snapshots)
+        # Dynamo compiles a graph under the grad mode it was traced in: without gradients (an evaluation under
+        # torch.no_grad()) only the forward GEMMs run, so the table has no backward rows for it.
+        rows = precision_table(result.annotated, graph_id, training=torch.is_grad_enabled())
+        report = CompileReport(graph_id, phase.name, rows, result.snapshots)
         self.reports.append(report)
         if report.fallbacks:
             listed = "; ".join(f"{r.module or r.node} {r.role}: {r.reason}" for r in report.fallbacks)
@@ -210,14 +222,17 @@ class Fp4Backend:
                            pattern, len({row.module for row in rows}), nearest or "none", hint)
 
     def _write_dump(self) -> None:
-        os.makedirs(self.dump_dir, exist_ok=True)
+        from ..inspect.dump import dump_folder, on_backend_dump
+
+        out = dump_folder(self)  # dump_dir, or a subfolder of it when another backend writes there too
+        os.makedirs(out, exist_ok=True)
         rows = self.rows()
-        with open(os.path.join(self.dump_dir, "precision_table.json"), "w") as f:
+        with open(os.path.join(out, "precision_table.json"), "w") as f:
             f.write(rows_to_json(rows))
-        with open(os.path.join(self.dump_dir, "precision_table.md"), "w") as f:
+        with open(os.path.join(out, "precision_table.md"), "w") as f:
             f.write(rows_to_markdown(rows))
         for report in self.reports:
-            folder = os.path.join(self.dump_dir, report.graph, report.phase)
+            folder = os.path.join(out, report.graph, report.phase)
             os.makedirs(folder, exist_ok=True)
             for i, (name, code) in enumerate(report.pass_code):
                 with open(os.path.join(folder, f"pass_{i}_{name}.py"), "w") as f:
@@ -227,18 +242,14 @@ class Fp4Backend:
                     f.write(code)
             with open(os.path.join(folder, "precision_table.json"), "w") as f:
                 f.write(json.dumps([r.to_dict() for r in report.rows], indent=1))
-        # --- fp4compile dump (issue 6): report.html and numerics; see fp4compile/inspect/dump.py ---
-        from ..inspect.dump import on_backend_dump
-
-        on_backend_dump(self)
-        # --- end fp4compile dump ---
+        on_backend_dump(self)  # report.html and numerics; see fp4compile/inspect/dump.py
 
 
 # The backend's registry: one instance per configuration, so repeated compiles share their reports.
 _REGISTRY: dict[tuple, Fp4Backend] = {}
 
 
-def backend(policy: Optional[Policy] = None, inner: Optional[str] = None,
+def backend(policy: "Policy | str | None" = None, inner: Optional[str] = None,
             step_counter: Optional[StepCounter] = None, dump_dir: Optional[str] = None,
             verify: Optional[bool] = None, cudagraphs: bool = False,
             model: Optional[torch.nn.Module] = None) -> Fp4Backend:
@@ -250,14 +261,33 @@ def backend(policy: Optional[Policy] = None, inner: Optional[str] = None,
 
 def fp4_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
                 mode: Optional[str] = None) -> Callable:
-    """The entry point behind ``backend="fp4"``; ``options`` are `backend`'s keyword arguments."""
+    """The entry point behind ``backend="fp4"``; ``options`` are `backend`'s keyword arguments.
+
+    Dynamo calls it at the first call of the compiled model, not at ``torch.compile``, and wraps what it raises
+    in a long traceback: a bad option is therefore also logged as an error first, so the reason is the first
+    thing printed. ``fp4compile.backend(...)`` checks its arguments when it is called, before ``torch.compile``.
+    """
+    try:
+        the_backend = backend(**_backend_options(options, mode))
+    except (TypeError, ValueError) as exc:
+        logger.error("fp4compile: torch.compile(backend='fp4', options=...): %s", exc)
+        raise
+    return the_backend(gm, example_inputs)
+
+
+_OPTIONS = ("policy", "inner", "step_counter", "dump_dir", "verify", "cudagraphs", "model")
+
+
+def _backend_options(options: Optional[dict], mode: Optional[str]) -> dict:
+    """``torch.compile``'s ``options`` and ``mode`` as `backend`'s keyword arguments, checked."""
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"backend 'fp4': options must be a dict, got {type(options).__name__}")
     options = dict(options or {})
-    allowed = {"policy", "inner", "step_counter", "dump_dir", "verify", "cudagraphs", "model"}
-    unknown = set(options) - allowed
+    unknown = set(options) - set(_OPTIONS)
     if unknown:
-        raise ValueError(f"backend 'fp4': unknown option(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
+        raise ValueError(f"backend 'fp4': unknown option(s) {sorted(unknown)}; expected some of {sorted(_OPTIONS)}")
     if mode == "reduce-overhead":
         options.setdefault("cudagraphs", True)
     elif mode not in (None, "default"):
         logger.warning("fp4compile: torch.compile mode %r is ignored by the fp4 backend", mode)
-    return backend(**options)(gm, example_inputs)
+    return options

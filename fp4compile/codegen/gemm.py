@@ -1,8 +1,8 @@
 """The NVFP4 GEMM on Hopper: exact emulation through fp16 tensor cores, and the choice among its paths.
 
-``C = (D_a * D_b) * (A_u @ B_u^T) (+ bias)``, FP32 accumulation (spec section 2, "GEMM on two NVFP4 operands";
+``C = (D_a * D_b) * (A_u @ B_u^T) (+ bias)``, FP32 accumulation (docs/numerics.md section 2.4;
 the same semantics as `fp4compile.numerics.gemm.gemm_reference`). ``A_u = E2M1[c] * d_b`` is exact in float16
-(spec section 2, exactness fact), so any fp16 tensor-core GEMM with an FP32 accumulator computes the NVFP4
+(docs/numerics.md section 2.5), so any fp16 tensor-core GEMM with an FP32 accumulator computes the NVFP4
 product up to FP32 summation order; the per-tensor scales are the alpha of the epilogue.
 
 Paths (names recorded by the backend; see `choose_gemm_path`):
@@ -46,6 +46,7 @@ from ..numerics.qtensor import QuantizedTensor
 from .quantize import (
     SCALE_E4M3,
     _abs_bits,
+    _div_rn_to_flt_max,
     _e2m1_value,
     _e4m3_rne,
     _e4m3_value,
@@ -127,8 +128,7 @@ def _load_a(a_ptr, sa_ptr, rm, k0, M, K, stride_am, stride_ak, s_a, MODE: tl.con
         _, d_block = _e4m3_rne(scaled)
         # s_a is passed as (S, D): D recomputed as div_rn(1, S) equals the stored tensor decode scale.
         d_global = tl.div_rn(tl.full((), 1.0, tl.float32), s_a)
-        e_block = tl.minimum(tl.div_rn(tl.full((BLOCK_M, BLOCK_K // 16), 1.0, tl.float32), d_block * d_global),
-                             3.4028234663852886e38)
+        e_block = _div_rn_to_flt_max(tl.full((BLOCK_M, BLOCK_K // 16), 1.0, tl.float32), d_block * d_global)
         sv = tl.minimum(tl.maximum(v * e_block[:, :, None], -6.0), 6.0)
         mag = tl.abs(sv)
         code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
@@ -201,7 +201,7 @@ def _gemm_kernel(
         amax_bits = tl.load(amax_a_ptr)
         amax = amax_bits.to(tl.float32, bitcast=True)
         one = tl.full((), 1.0, tl.float32)
-        s_a = tl.minimum(tl.div_rn(tl.full((), 2688.0, tl.float32), amax), 3.4028234663852886e38)
+        s_a = _div_rn_to_flt_max(tl.full((), 2688.0, tl.float32), amax)
         s_a = tl.where((amax == 0) | (s_a == 0) | (amax_bits >= 0x7F800000), one, s_a)
         d_a = tl.div_rn(one, s_a)
     else:
@@ -693,7 +693,7 @@ def gemm_dense(
 
 #: Shapes (M, N, K) where a measurement overrides `choose_gemm_path`'s rule; empty: on the H100 the rule picked
 #: the faster path at every GPT-2-small training shape and at 8192^3 (benchmarks/bench_gemm_dense.py,
-#: 2026-11-23, docs/benchmarks.md "Kernels (issue 5)").
+#: 2026-11-23, docs/benchmarks.md "Kernels").
 MEASURED_PATH_TABLE: dict[tuple[int, int, int], str] = {}
 
 
@@ -833,9 +833,9 @@ def gemm_quantize_a(
     """``gemm(quantize(x, "nvfp4"), b, ...)`` with x quantized (1x16 along K, round to nearest) inside the GEMM
     prologue: the same codes and scales as `quantize_triton`, never written to memory.
 
-    The tensor amax must be known before the first block scale (spec step 2): pass ``amax`` (float32 0-dim,
-    e.g. from `tensor_amax_triton`) or it is computed here by the reduction kernel. B is loaded packed (or
-    from ``b_dequantized``, its exact fp16 operand in the stored layout).
+    The tensor amax must be known before the first block scale (docs/numerics.md section 2, step 2): pass
+    ``amax`` (float32 0-dim, e.g. from `tensor_amax_triton`) or it is computed here by the reduction kernel. B is
+    loaded packed (or from ``b_dequantized``, its exact fp16 operand in the stored layout).
     """
     k = x.shape[-1]
     lead = x.shape[:-1]

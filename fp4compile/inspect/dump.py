@@ -12,6 +12,10 @@ Three ways in:
   when the process exits. No ONNX model on this path (the backend does not keep the graphs it compiled);
 - ``fp4compile dump run script.py [args...] --out dir`` runs a script the second way.
 
+When several backends of one process dump to the same folder (two compiled models, e.g. a model and its
+high-precision twin), the first writes the folder itself and each later one a subfolder
+``model_<k>_<policy name>/`` of the same layout, listed in the folder's ``dump.json`` under ``models``.
+
 The folder (docs/dump.md shows it with screenshots)::
 
     precision_table.json / .md        one row per GEMM site and role (every graph, latest schedule phase)
@@ -47,7 +51,7 @@ from .numerics import NumericsRecorder, OperandNumerics, numerics_to_json
 from .report import write_report
 from .table import TableRow
 
-__all__ = ["dump", "DumpResult", "on_backend_dump"]
+__all__ = ["dump", "DumpResult", "on_backend_dump", "dump_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,61 +231,95 @@ def dump(model: torch.nn.Module, *example_inputs: Any, out: "str | os.PathLike",
 
 # --- FP4COMPILE_DUMP: the hook the backend calls after writing its tables ------------------------------------
 
+def _policy_name(backend: Fp4Backend) -> str:
+    name = getattr(backend.policy, "name", "") or type(backend.policy).__name__
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
+
+
 class _EnvDump:
-    """The dump of one process run with ``FP4COMPILE_DUMP``: a process-wide observer and an exit handler."""
+    """The dumps of one process that are not `dump`'s own (``FP4COMPILE_DUMP`` or a backend's ``dump_dir``): the
+    folder of each backend, a process-wide observer and an exit handler."""
 
     def __init__(self) -> None:
         self.recorder = NumericsRecorder()
+        self.folders: dict[int, str] = {}  # id(backend) -> its folder; `backends` keeps the backends alive
         self.backends: list[Fp4Backend] = []
         self.finishing = False
         set_process_observer(self.recorder)
         atexit.register(self.finish)
 
-    def attach(self, backend: Fp4Backend) -> None:
-        if all(b is not backend for b in self.backends):
+    def folder_of(self, backend: Fp4Backend) -> str:
+        """The folder ``backend`` writes: its ``dump_dir`` for the first backend there, else a subfolder."""
+        folder = self.folders.get(id(backend))
+        if folder is None:
+            others = [b for b in self.backends if b.dump_dir == backend.dump_dir]
+            folder = backend.dump_dir
+            if others:
+                folder = os.path.join(backend.dump_dir, f"model_{len(others)}_{_policy_name(backend)}")
+            self.folders[id(backend)] = folder
             self.backends.append(backend)
+            # A warning, so that it is seen without logging configured: the user asked for this dump.
+            logger.warning("fp4compile: dumping what the fp4 backend (policy %s) compiles to %s; numerics and "
+                           "report.html are written when the process exits", _policy_name(backend), folder)
+        return folder
 
-    def write_numerics(self, out: str) -> None:
-        results = [r for r in self.recorder.results.values()
-                   if any(r.module == row.module for b in self.backends if b.dump_dir == out for row in b.rows())]
-        _write_text(os.path.join(out, NUMERICS), numerics_to_json(results))
+    def write_numerics(self, folder: str) -> None:
+        modules = {row.module for b in self.backends if self.folders[id(b)] == folder for row in b.rows()}
+        results = [r for r in self.recorder.results.values() if r.module in modules]
+        _write_text(os.path.join(folder, NUMERICS), numerics_to_json(results))
 
     def finish(self) -> None:
         """At exit: rewrite each backend's dump (now with the backward graphs), numerics and the report."""
         self.finishing = True
-        for out in sorted({b.dump_dir for b in self.backends}):
-            if not os.path.isdir(out):
+        for backend in self.backends:
+            folder = self.folders[id(backend)]
+            if not os.path.isdir(folder):
                 continue
             try:
-                for b in self.backends:
-                    if b.dump_dir == out:
-                        b._write_dump()
-                self.write_numerics(out)
-                last = next(b for b in reversed(self.backends) if b.dump_dir == out)
-                _write_text(os.path.join(out, MANIFEST),
-                            _manifest("FP4COMPILE_DUMP", last, {"onnx": [], "onnx_error": "not written by FP4COMPILE_DUMP"
-                                                                " (use fp4compile.dump for the ONNX model)"}))
-                write_report(out)
+                backend._write_dump()
+                self.write_numerics(folder)
+                models = sorted(os.path.relpath(self.folders[id(b)], folder) for b in self.backends
+                                if b.dump_dir == backend.dump_dir and self.folders[id(b)] != folder)
+                files = {"onnx": [], "onnx_error": "not written by FP4COMPILE_DUMP (use fp4compile.dump for the "
+                                                   "ONNX model)"}
+                if folder == backend.dump_dir:
+                    files["models"] = models
+                _write_text(os.path.join(folder, MANIFEST), _manifest("FP4COMPILE_DUMP", backend, files))
+                report = write_report(folder)
+                logger.warning("fp4compile: dump written to %s (open %s)", folder, report)
             except Exception:
-                logger.exception("fp4compile dump: could not finish the dump in %s", out)
+                logger.exception("fp4compile dump: could not finish the dump in %s", folder)
 
 
 _ENV_DUMP: Optional[_EnvDump] = None
+
+
+def _env_dump() -> _EnvDump:
+    global _ENV_DUMP
+    if _ENV_DUMP is None:
+        _ENV_DUMP = _EnvDump()
+    return _ENV_DUMP
+
+
+def dump_folder(backend: Fp4Backend) -> str:
+    """The folder `Fp4Backend._write_dump` writes for ``backend``: its ``dump_dir`` for `dump`'s backends and for
+    the first backend of the process dumping there; a subfolder ``model_<k>_<policy>`` for each later one, so
+    that a second compiled model does not overwrite the first one's tables."""
+    if backend in _API_BACKENDS:
+        return backend.dump_dir
+    return _env_dump().folder_of(backend)
 
 
 def on_backend_dump(backend: Fp4Backend) -> None:
     """Called by `Fp4Backend._write_dump` after it wrote the tables and the code: for a backend dumping
     through ``FP4COMPILE_DUMP`` (not one created by `dump`), install the numerics observer and the exit
     handler once, and write ``report.html``. Never raises (a dump must not break training)."""
-    global _ENV_DUMP
     if backend in _API_BACKENDS or not backend.dump_dir:
         return
     try:
-        if _ENV_DUMP is None:
-            _ENV_DUMP = _EnvDump()
-        if _ENV_DUMP.finishing:
+        env_dump = _env_dump()
+        if env_dump.finishing:
             return
-        _ENV_DUMP.attach(backend)
-        write_report(backend.dump_dir)
+        write_report(env_dump.folder_of(backend))
     except Exception:
         logger.exception("fp4compile dump: could not extend the dump in %s", backend.dump_dir)

@@ -10,7 +10,7 @@ seen is measured against the high-precision tensor it was computed from:
   when there is no error at all (or no signal), or when the tensor held NaN/Inf.
 - ``underflow_fraction``: fraction of blocks whose decode scale ``d_b`` underflowed to zero although the block
   held a non-zero value (its elements then dequantize to zero).
-- ``saturated_fraction``: fraction of elements with ``|x * e_b| > 6`` before the clamp of spec section 2
+- ``saturated_fraction``: fraction of elements with ``|x * e_b| > 6`` before the clamp of docs/numerics.md section 2
   step 5 (``e_b`` the block encode multiplier); elements of underflowed blocks count too (``e_b`` is FLT_MAX).
 - ``amax``: the tensor amax the quantizer used (after the Hadamard transform where there is one), and
   ``input_amax``, the amax of the high-precision input as given.
@@ -118,7 +118,7 @@ def operand_numerics(label: str, x: torch.Tensor, qt: QuantizedTensor) -> Operan
         underflow = int(((d_block == 0) & (block_amax > 0)).sum())
         blocks = d_block.numel()
 
-        # e_b = min(1 / (d_b * D), FLT_MAX), exactly as the quantizer computes it (spec section 2 step 4).
+        # e_b = min(1 / (d_b * D), FLT_MAX), exactly as the quantizer computes it (docs/numerics.md section 2 step 4).
         e_block = torch.clamp(torch.ones_like(d_block) / (d_block * qt.per_tensor_scale), max=FLT_MAX)
         scaled = ref * expand_block_scales(e_block, rows, k, qt.block)
         saturated = int((scaled.abs() > _E2M1_MAX).sum())

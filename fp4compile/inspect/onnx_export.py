@@ -12,7 +12,7 @@ How a forward GEMM ``y = x W^T + b`` that the policy put in NVFP4 looks in the O
 - E4M3 is not a legal ``DequantizeLinear`` scale type, so the block scales are themselves dequantized
   against the per-tensor scale, ``DequantizeLinear(scale_e4m3, D) = d_b * D``, and that float tensor is the
   scale of ``DequantizeLinear(weight_fp4, d_b * D, axis=1, block_size=16)``;
-- the activation ``x`` is quantized at run time by standard ops following spec section 2 (tensor amax,
+- the activation ``x`` is quantized at run time by standard ops following docs/numerics.md section 2 (tensor amax,
   ``S = 2688 / amax``, block amax, ``d_b = Cast<FLOAT8E4M3FN>(min(amax_b * (S / 6), 448))``, ``x * e_b``
   clamped to [-6, 6], ``QuantizeLinear`` to FLOAT4E2M1 with scale 1, i.e. round-to-nearest-even on the E2M1
   grid), then dequantized the same two-level way as the weight;
@@ -47,6 +47,7 @@ import io
 import logging
 import os
 import re
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -109,7 +110,7 @@ def _translate_nvfp4_linear(x, w_data, w_scale, w_tensor_scale, bias=None, lhs: 
     w_block_scale = op.DequantizeLinear(w_scale, w_tensor_scale)
     w_hat = op.DequantizeLinear(w_data, w_block_scale, axis=1, block_size=b)
 
-    # The activation, quantized at run time (spec section 2, round to nearest).
+    # The activation, quantized at run time (docs/numerics.md section 2, round to nearest).
     xf = op.Cast(x, to=f32)
     amax = op.ReduceMax(op.Abs(xf), keepdims=0)
     s = op.Min(op.Div(c(6.0 * _E4M3_MAX), amax), c(_FLT_MAX))
@@ -274,7 +275,11 @@ def export_onnx(rewritten: fx.GraphModule, example_inputs: Sequence[Any], path: 
     level = registry_logger.level
     registry_logger.setLevel(logging.ERROR)  # "torchvision is not installed" warnings: not ours to show
     try:
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            # torch.export's run_decompositions deep-copies its module call graph, whose pytree specs warn that
+            # `isinstance(treespec, LeafSpec)` is deprecated (torch 2.13): torch's own call, nothing we pass.
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
             program = torch.onnx.export(gm, tuple(user_inputs), dynamo=True, opset_version=ONNX_OPSET,
                                         custom_translation_table=table, optimize=True, verbose=False)
     except Exception as exc:

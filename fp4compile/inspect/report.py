@@ -16,6 +16,7 @@ import os
 from typing import Any, Optional
 
 from .layout import REPORT, DumpData, load_dump
+from .table import graph_label
 
 __all__ = ["render_report", "write_report", "graph_svg", "sqnr_plot_svg", "sensitivity_plot_svg",
            "sensitivity_section_html", "render_sensitivity_page"]
@@ -259,7 +260,7 @@ def graph_svg(code: str, rows: list[dict[str, Any]], graph: str = "") -> str:
 
 def _table_html(data: DumpData) -> str:
     by_label = data.numerics_by_label()
-    head = ("<tr><th>module</th><th>role</th><th>precision</th><th>lhs</th><th>rhs</th><th>M x N x K</th>"
+    head = ("<tr><th>graph</th><th>module</th><th>role</th><th>precision</th><th>lhs</th><th>rhs</th><th>M x N x K</th>"
             "<th>SQNR lhs (dB)</th><th>SQNR rhs (dB)</th><th>underflow lhs/rhs</th><th>saturated lhs/rhs</th>"
             "<th>amax lhs/rhs</th><th>gemm path</th><th>reason</th></tr>")
     body = []
@@ -268,7 +269,8 @@ def _table_html(data: DumpData) -> str:
         rhs = by_label.get(f"{r['module']}:{r['role']}:rhs")
         pair = lambda f, a, b: f"{f(a)} / {f(b)}" if (a is not None or b is not None) else "–"  # noqa: E731
         body.append(
-            f"<tr><td>{html.escape(r['module'] or r.get('node', ''))}</td><td>{html.escape(r['role'])}</td>"
+            f"<tr><td>{html.escape(graph_label(r))}</td>"
+            f"<td>{html.escape(r['module'] or r.get('node', ''))}</td><td>{html.escape(r['role'])}</td>"
             f"<td class=\"p-{html.escape(r['precision'])}\">{html.escape(r['precision'])}</td>"
             f"<td>{html.escape(r['lhs'])}</td><td>{html.escape(r['rhs'])}</td>"
             f"<td>{html.escape(' x '.join(r['shape']))}</td>"

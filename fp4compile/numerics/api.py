@@ -114,7 +114,7 @@ def quantize(
     hadamard: bool = False,
     impl: str = "auto",
 ) -> QuantizedTensor:
-    """Quantize ``x`` to a block-scaled FP4 format along its last axis (../shared/docs/NVFP4.md section 2).
+    """Quantize ``x`` to a block-scaled FP4 format along its last axis (docs/numerics.md section 2).
 
     Args:
         x: a float32, bfloat16 or float16 tensor of any leading shape; non-contiguous views are fine.
@@ -125,8 +125,8 @@ def quantize(
         rounding: ``"nearest"`` (ties to even) or ``"stochastic"``.
         seed, offset: the Philox key and first counter of stochastic rounding; element ``i`` (row-major)
             takes byte ``i % 4`` of word ``(i % 16) // 4`` at counter ``offset + i // 16``, so a call uses
-            ``ceil(numel / 16)`` counters (docs/numerics.md, "Stochastic rounding").
-        hadamard: apply the 16-point random Hadamard transform along the last axis first (spec section 3);
+            ``ceil(numel / 16)`` counters (docs/numerics.md section 2.2).
+        hadamard: apply the 16-point random Hadamard transform along the last axis first (docs/numerics.md section 3.3);
             the tensor amax is taken after it and the result stays in the transformed domain.
         impl: ``"reference"`` (plain PyTorch), ``"triton"`` (fused kernels), or ``"auto"`` (Triton on CUDA
             where available).

@@ -1,6 +1,6 @@
 """FP4 formats as data: the E2M1 element, the 8-bit block-scale formats, and block-scaled FP4 formats.
 
-Spec: ../shared/docs/NVFP4.md section 1. A format is a frozen dataclass, so research sweeps over block size
+Spec: docs/numerics.md section 1. A format is a frozen dataclass, so research sweeps over block size
 and scale format (FATW swept blocks 8..128 and scales E1M6..E8M0) are parameters, not kernels.
 """
 
@@ -27,16 +27,16 @@ __all__ = [
     "BLOCK_SIZES",
 ]
 
-#: Magnitudes of the eight E2M1 codes 0..7 (spec section 1); bit 3 of a code is the sign.
+#: Magnitudes of the eight E2M1 codes 0..7 (docs/numerics.md section 1); bit 3 of a code is the sign.
 E2M1_VALUES: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 
-#: Block sizes a format may use (FATW's sweep, spec section 1).
+#: Block sizes a format may use (FATW's sweep, docs/numerics.md section 1).
 BLOCK_SIZES: tuple[int, ...] = (8, 16, 32, 64, 128)
 
 
 class Rounding(str, enum.Enum):
-    """How an element is rounded to E2M1 (spec section 2 step 5)."""
+    """How an element is rounded to E2M1 (docs/numerics.md section 2 step 5)."""
 
     NEAREST = "nearest"
     STOCHASTIC = "stochastic"
@@ -45,8 +45,8 @@ class Rounding(str, enum.Enum):
 class ScaleRounding(str, enum.Enum):
     """How a block's decode scale is chosen from the block amax.
 
-    ``NEAREST``: ``d = round_to_nearest_even(amax_b * S / 6)`` in the scale format (NVFP4, spec section 2 step 3).
-    ``FLOOR``: power-of-two ``d = 2^(floor(log2(amax_b)) - 2)``, the OCP MX rule; the block max may saturate.
+    ``NEAREST``: ``d = round_to_nearest_even(amax_b * S / 6)`` in the scale format (NVFP4, docs/numerics.md section 2
+    step 3). ``FLOOR``: power-of-two ``d = 2^(floor(log2(amax_b)) - 2)``, the OCP MX rule; the block max may saturate.
     ``CEIL``: the smallest power of two with ``6 * d >= amax_b`` (NV's MXFP4 variant; nothing saturates).
     """
 
@@ -123,7 +123,7 @@ class Fp4Format:
     Args:
         block_size: elements per block along the reduction axis (one of ``BLOCK_SIZES``).
         scale_format: the format of the per-block decode scale.
-        tensor_scale: whether a per-tensor FP32 decode scale ``D`` is used (spec section 2 step 2).
+        tensor_scale: whether a per-tensor FP32 decode scale ``D`` is used (docs/numerics.md section 2 step 2).
         scale_rounding: how the block scale is rounded (``NEAREST`` for non-power-of-two scale formats).
         name: a display name; derived from the fields when empty.
     """

@@ -1,4 +1,4 @@
-"""The reference GEMM on two quantized operands (spec section 2, "GEMM on two NVFP4 operands")."""
+"""The reference GEMM on two quantized operands (docs/numerics.md section 2.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The 16-point random Hadamard transform (RHT) of the NV recipe (spec section 3).
+"""The 16-point random Hadamard transform (RHT) of the NV recipe (docs/numerics.md section 3.3).
 
 Each run of 16 consecutive elements ``v`` along the last axis becomes ``M v`` with ``M = (H16 / 4) diag(s)``,
 ``H16`` the Sylvester Hadamard matrix and ``s`` a fixed sign vector shared by every layer. ``M`` is
@@ -17,7 +17,7 @@ import torch
 __all__ = ["RHT_SIGNS", "HADAMARD_SIZE", "random_hadamard_transform", "hadamard_matrix"]
 
 HADAMARD_SIZE = 16
-#: The fixed sign vector (TransformerEngine's; spec section 3).
+#: The fixed sign vector (TransformerEngine's; docs/numerics.md section 3.3).
 RHT_SIGNS: tuple[int, ...] = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 
 

@@ -13,8 +13,8 @@ __all__ = ["QuantizedTensor", "pack_codes", "unpack_codes", "expand_block_scales
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Pack E2M1 codes (uint8, last axis even) two per byte, the lower index in the low nibble (spec section 1,
-    the layout of ``torch.float4_e2m1fn_x2``)."""
+    """Pack E2M1 codes (uint8, last axis even) two per byte, the lower index in the low nibble (docs/numerics.md
+    section 1, the layout of ``torch.float4_e2m1fn_x2``)."""
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
@@ -37,11 +37,11 @@ class QuantizedTensor:
             the low nibble.
         scale: block decode scales in ``format.scale_format.storage_dtype``; shape ``(*lead, K // b)`` for
             ``(1, b)`` blocks and ``(rows // b, K // b)`` for ``(b, b)`` blocks, ``rows`` the product of ``lead``.
-            A block that held a NaN or an infinity has a NaN scale (spec section 2, non-finite input).
+            A block that held a NaN or an infinity has a NaN scale (docs/numerics.md section 2.3).
         per_tensor_scale: float32 0-dim tensor, the global decode scale ``D`` (1.0 where the format has none).
         format: the `Fp4Format`.
         block: the block shape ``(1, b)`` or ``(b, b)``.
-        hadamard: whether the values are in the random-Hadamard-transformed domain (spec section 3).
+        hadamard: whether the values are in the random-Hadamard-transformed domain (docs/numerics.md section 3.3).
         orig_dtype: the dtype of the tensor that was quantized.
     """
 
@@ -71,12 +71,12 @@ class QuantizedTensor:
 
     def dequantize_unscaled(self) -> torch.Tensor:
         """``E2M1[c] * d_b`` as float32 in the logical shape, without the tensor scale: exact, and what an
-        NVFP4 GEMM multiplies before applying the tensor scales as alpha (spec section 2)."""
+        NVFP4 GEMM multiplies before applying the tensor scales as alpha (docs/numerics.md section 2.4)."""
         k = self.shape[-1]
         values = e2m1_values(self.codes()).reshape(-1, k)
         return (values * self.block_scales()).reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``x_hat = E2M1[c] * d_b * D`` (spec section 2 step 6) in ``dtype``. Values stay in the Hadamard
+        """``x_hat = E2M1[c] * d_b * D`` (docs/numerics.md section 2 step 6) in ``dtype``. Values stay in the Hadamard
         domain where ``hadamard`` is set."""
         return (self.dequantize_unscaled() * self.per_tensor_scale).to(dtype)

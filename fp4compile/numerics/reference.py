@@ -1,4 +1,4 @@
-"""The reference quantizer: ../shared/docs/NVFP4.md section 2 in plain PyTorch, step by step.
+"""The reference quantizer: docs/numerics.md section 2 in plain PyTorch, step by step.
 
 It is the oracle every kernel is tested against bit for bit, and the CPU implementation of the backend's
 ops. All arithmetic is float32, each step rounds once, and every division is tensor by tensor (PyTorch on
@@ -26,8 +26,8 @@ __all__ = ["quantize_reference", "tensor_amaxes_reference", "tensor_encode_scale
 
 
 def tensor_encode_scale(amax: torch.Tensor, fmt: Fp4Format) -> torch.Tensor:
-    """Global encode scale ``S`` (spec section 2 step 2): ``min(6 * scale_max / amax, FLT_MAX)``, and 1 where
-    ``amax`` is 0, non-finite, or the quotient underflows to 0 (non-finite blocks become NaN separately)."""
+    """Global encode scale ``S`` (docs/numerics.md section 2 step 2): ``min(6 * scale_max / amax, FLT_MAX)``, and 1
+    where ``amax`` is 0, non-finite, or the quotient underflows to 0 (non-finite blocks become NaN separately)."""
     if not fmt.tensor_scale:
         return torch.ones_like(amax)
     numerator = torch.full_like(amax, E2M1_MAX * fmt.scale_max)  # 2688 for NVFP4, exact in float32
@@ -37,7 +37,7 @@ def tensor_encode_scale(amax: torch.Tensor, fmt: Fp4Format) -> torch.Tensor:
 
 
 def _block_decode_scales(block_amax: torch.Tensor, s: torch.Tensor, fmt: Fp4Format) -> torch.Tensor:
-    """Block decode scales ``d_b`` as float32 (spec section 2 step 3), NaN for non-finite blocks."""
+    """Block decode scales ``d_b`` as float32 (docs/numerics.md section 2 step 3), NaN for non-finite blocks."""
     if fmt.scale_format.is_power_of_two:
         d = power_of_two_scale(block_amax * s, fmt.scale_rounding, fmt.scale_format)
     else:
@@ -56,7 +56,7 @@ def _amax(xf: torch.Tensor) -> torch.Tensor:
 
 def tensor_amaxes_reference(x: torch.Tensor, hadamard: bool = True) -> torch.Tensor:
     """``[amax after the 16-point RHT along the last axis (plain amax when not hadamard), plain amax]`` of ``x``
-    as a float32 (2,) tensor: the tensor amaxes (spec section 2 step 1) of the two quantizations of one
+    as a float32 (2,) tensor: the tensor amaxes (docs/numerics.md section 2 step 1) of the two quantizations of one
     activation, one through the RHT for the weight gradient and one without."""
     xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
     plain = _amax(xf)

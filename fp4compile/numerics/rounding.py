@@ -1,7 +1,7 @@
 """Exact roundings used by the reference quantizer: block scales to their 8-bit format, values to E2M1.
 
 Everything here is plain PyTorch on float32 tensors, written so that each step rounds exactly once, in the
-order of ../shared/docs/NVFP4.md section 2. This is the oracle the Triton kernels are tested against.
+order of docs/numerics.md section 2 (the spec). This is the oracle the Triton kernels are tested against.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ __all__ = [
 
 FLT_MAX = torch.finfo(torch.float32).max
 
-# Lower bounds of codes 1..7 under round-to-nearest-even (spec section 2 step 5). A magnitude reaches code c
-# when it is above (strict: the tie goes to the even code below) or at least (the tie goes up) the bound.
+# Lower bounds of codes 1..7 under round-to-nearest-even (docs/numerics.md section 2.1). A magnitude reaches code
+# c when it is above (strict: the tie goes to the even code below) or at least (the tie goes up) the bound.
 _RNE_BOUNDS: tuple[tuple[float, bool], ...] = (
     (0.25, True),  # 0.25 is a tie between 0 and 0.5: goes to 0 (even)
     (0.75, False),  # 0.75 is a tie between 0.5 and 1: goes to 1
@@ -113,7 +113,7 @@ def e2m1_codes_stochastic(v: torch.Tensor, seed: "int | torch.Tensor", offset: "
 
     With ``lo <= |v| < hi`` the neighbouring grid points, ``f = (|v| - lo) / (hi - lo)`` and ``t = floor(f * 256)``
     (the 8 bits the conversion truncates below E2M1's last kept bit), the magnitude rounds up to ``hi`` iff
-    ``t + r >= 256`` for a random byte ``r``: ``P(up) = t / 256``, below ``f`` by less than 1/256. Element ``i``
+    ``t + r >= 256`` for a random byte ``r`` (docs/numerics.md section 2.2): ``P(up) = t / 256``, below ``f`` by less than 1/256. Element ``i``
     of ``v`` in row-major order takes its byte from `philox.random_bytes` (Philox4x32-10 at counter
     ``offset + i // 16``), so a call consumes ``ceil(numel / 16)`` counters.
     """

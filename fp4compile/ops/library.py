@@ -50,7 +50,7 @@ def _scale_bytes(scale: torch.Tensor) -> torch.Tensor:
 
 def dequantized_dtype(op: OperandPrecision) -> torch.dtype:
     """The dtype of the exact unscaled operand ``E2M1[c] * d_b``: float16 holds every E2M1 value times every
-    E4M3 scale exactly (spec section 2); other scale formats span more range, so float32."""
+    E4M3 scale exactly (docs/numerics.md section 2.5); other scale formats span more range, so float32."""
     return torch.float16 if op.format.scale_format.name == "e4m3" else torch.float32
 
 
@@ -168,7 +168,7 @@ def gemm_operands(
     b_dequantized: Optional[torch.Tensor] = None,
     path: str = "",
 ) -> torch.Tensor:
-    """``C = (D_a D_b) (A_u B_u^T) (+ bias)`` on quantized operands (spec section 2), FP32 accumulation.
+    """``C = (D_a D_b) (A_u B_u^T) (+ bias)`` on quantized operands (docs/numerics.md section 2), FP32 accumulation.
 
     ``a`` is ``(..., K)``; ``b`` is ``(N, K)``, or ``(K, N)`` with square 2D blocks when ``b_transposed``.
     ``a_dequantized``/``b_dequantized``: the exact operands from ``fp4compile::quantize(with_dequantized=True)``

@@ -5,7 +5,7 @@
                                                                  reused transposed, or W^T quantized anew
     weight_grad  dW = dy^T x     lhs dy^T (N, M) along tokens  rhs x^T (K, M) along tokens
 
-What is saved for backward (spec section 3; "keep the quantized forms, not high-precision copies"):
+What is saved for backward (docs/numerics.md section 3.1; "keep the quantized forms, not high-precision copies"):
 - the weight-gradient operand x^T is quantized in the forward pass and saved packed (4.5 bits per element),
   so the activation x itself is not saved at all when that GEMM runs in FP4;
 - the forward's 2D-quantized weight is saved packed and reused by the input-gradient GEMM (the chain rule
@@ -163,7 +163,7 @@ def _pad_rows(x2: torch.Tensor, multiple: int) -> torch.Tensor:
 
 def _reuses_forward_weight(cfg: LinearPrecision) -> bool:
     """The input-gradient GEMM can reuse the forward's quantized W when it is a square 2D tiling with the same
-    precision (then W and W^T quantize to the same matrix, spec section 3)."""
+    precision (then W and W^T quantize to the same matrix, docs/numerics.md section 3.2)."""
     fwd, dgrad = cfg.forward, cfg.input_grad
     return not fwd.is_high and not dgrad.is_high and fwd.rhs.is_2d and dgrad.rhs == fwd.rhs
 

@@ -2,7 +2,7 @@
 
 Reads: ``node.meta[SITE]``, ``node.meta[DECISIONS]``. Writes: ``node.meta[DECISIONS]``.
 
-Rules (every operand blocks along its GEMM's reduction axis, spec section 3):
+Rules (every operand blocks along its GEMM's reduction axis, docs/numerics.md section 3.6):
 - activations and gradients take 1D blocks (their row count is the token count, which varies);
 - weights may take square 2D tiles, which need both weight dimensions divisible by the tile;
 - the forward reduces over K, the input gradient over N: each must be divisible by the block size (and by

@@ -1,6 +1,6 @@
 """What a policy decides: the precision of one GEMM in one role, operand by operand.
 
-A linear layer ``y = x W^T`` runs three GEMMs in training (spec section 3), each with two operands:
+A linear layer ``y = x W^T`` runs three GEMMs in training (docs/numerics.md section 3.1), each with two operands:
 
 ============== ===================== ======================== =========================
 role           GEMM                  lhs operand              rhs operand

@@ -117,13 +117,15 @@ class Recipe:
         if default.is_high:
             return Decision(HIGH, f"recipe {self.name}: {role.value} runs in high precision")
         if site.is_output_head and not self.quantize_output_head:
-            return Decision(HIGH, "output head stays in high precision (spec section 3)")
+            return Decision(HIGH, "output head stays in high precision (docs/numerics.md section 3.4)")
         if site.layer_index is not None and site.first_layer is not None and site.last_layer is not None:
             of = f" of {site.stack}" if site.stack else ""
             if site.layer_index - site.first_layer < self.high_precision_first_blocks:
-                return Decision(HIGH, f"first {self.high_precision_first_blocks} block(s){of} stay in high precision")
+                return Decision(HIGH, f"first {self.high_precision_first_blocks} block(s){of} stay in high precision "
+                                        "(docs/numerics.md section 3.4)")
             if site.last_layer - site.layer_index < self.high_precision_last_blocks:
-                return Decision(HIGH, f"last {self.high_precision_last_blocks} block(s){of} stay in high precision")
+                return Decision(HIGH, f"last {self.high_precision_last_blocks} block(s){of} stay in high precision "
+                                        "(docs/numerics.md section 3.4)")
         return Decision(default, f"recipe {self.name}: {role.value}")
 
     def with_rules(self, *rules: Rule) -> "Recipe":

@@ -1,4 +1,5 @@
-"""Schedules: a policy that changes with the training step (NV's late switch, FATW's QAF; spec sections 3-4).
+"""Schedules: a policy that changes with the training step (NV's late switch, FATW's QAF; docs/numerics.md sections
+3-4).
 
 The backend compiles one variant of a graph per phase it meets and picks the variant of the current phase at
 every call, so advancing the step never recompiles, and each switch compiles at most once.
@@ -61,7 +62,7 @@ def _roles(roles: Iterable["Role | str"]) -> frozenset[Role]:
 
 def late_switch(start_step: int, roles: Sequence["Role | str"] = (Role.FORWARD,)) -> Schedule:
     """NV's late switch: from ``start_step`` the given roles (the forward GEMMs by default; pass all three
-    for "both passes") run in high precision (spec section 3: the last ~18% of tokens)."""
+    for "both passes") run in high precision (docs/numerics.md section 3.5: the last ~18% of tokens)."""
     return Schedule((Phase("late_switch", _roles(roles), start_step),))
 
 
