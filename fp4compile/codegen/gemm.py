@@ -46,7 +46,6 @@ from ..numerics.qtensor import QuantizedTensor
 from .quantize import (
     SCALE_E4M3,
     _abs_bits,
-    _div_rn_to_flt_max,
     _e2m1_value,
     _e4m3_rne,
     _e4m3_value,
@@ -128,7 +127,8 @@ def _load_a(a_ptr, sa_ptr, rm, k0, M, K, stride_am, stride_ak, s_a, MODE: tl.con
         _, d_block = _e4m3_rne(scaled)
         # s_a is passed as (S, D): D recomputed as div_rn(1, S) equals the stored tensor decode scale.
         d_global = tl.div_rn(tl.full((), 1.0, tl.float32), s_a)
-        e_block = _div_rn_to_flt_max(tl.full((BLOCK_M, BLOCK_K // 16), 1.0, tl.float32), d_block * d_global)
+        e_block = tl.minimum(tl.div_rn(tl.full((BLOCK_M, BLOCK_K // 16), 1.0, tl.float32), d_block * d_global),
+                             3.4028234663852886e38)
         sv = tl.minimum(tl.maximum(v * e_block[:, :, None], -6.0), 6.0)
         mag = tl.abs(sv)
         code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
@@ -201,7 +201,7 @@ def _gemm_kernel(
         amax_bits = tl.load(amax_a_ptr)
         amax = amax_bits.to(tl.float32, bitcast=True)
         one = tl.full((), 1.0, tl.float32)
-        s_a = _div_rn_to_flt_max(tl.full((), 2688.0, tl.float32), amax)
+        s_a = tl.minimum(tl.div_rn(tl.full((), 2688.0, tl.float32), amax), 3.4028234663852886e38)
         s_a = tl.where((amax == 0) | (s_a == 0) | (amax_bits >= 0x7F800000), one, s_a)
         d_a = tl.div_rn(one, s_a)
     else:

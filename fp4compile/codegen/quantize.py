@@ -73,25 +73,6 @@ assert _RHT_NEG_MASK == 0xD7E8
 
 
 @triton.jit
-def _div_rn_to_flt_max(n, x):
-    """``min(div_rn(n, x), FLT_MAX)`` for a float32 constant ``n >= 1`` and ``x >= 0`` (FLT_MAX at ``x == 0``):
-    the clamped divisions of spec steps 2 and 4, bit for bit, with no infinity in between when ``n <= 2^40``
-    (every scale format's ``6 * scale_max`` but E8M0's, which has no tensor scale).
-
-    Spec steps 2 and 4 divide by a zero amax or block scale, or by values so small that the quotient overflows,
-    and rely on the clamp; under ``TRITON_INTERPRET=1`` NumPy warns about each. Below 1, ``x`` divides
-    ``n * 2^-64`` instead: the scaling by a power of two is exact, the quotient is a normal float32 (at least
-    2^-64, at most 2^-24 / 2^-149), so its rounding is that of ``n / x`` scaled by 2^-64; clamped to
-    ``FLT_MAX * 2^-64`` and scaled back, it is ``min(div_rn(n, x), FLT_MAX)`` exactly (an ``n / x`` that rounds
-    to infinity rounds to at least 2^64 once scaled). NaN propagates as before."""
-    big = x >= 1.0
-    plain = tl.minimum(tl.div_rn(n, tl.where(big, x, 1.0)), 3.4028234663852886e38)
-    small = tl.div_rn(n * 5.421010862427522e-20, tl.where(big | (x == 0), 1.0, x))  # n * 2^-64 / x
-    small = tl.minimum(small, 3.4028234663852886e38 * 5.421010862427522e-20) * 1.8446744073709552e19
-    return tl.where(big, plain, tl.where(x == 0, 3.4028234663852886e38, small))
-
-
-@triton.jit
 def _e4m3_rne(x):
     """Round float32 ``x`` in [0, 448] to E4M3 (round half to even, subnormals): the byte and its value.
 
@@ -409,7 +390,7 @@ def _quantize_kernel(
     amax = amax_bits.to(tl.float32, bitcast=True)
     one = tl.full((), 1.0, tl.float32)
     if TENSOR_SCALE:
-        s = _div_rn_to_flt_max(tl.full((), ENCODE_NUMERATOR, tl.float32), amax)
+        s = tl.minimum(tl.div_rn(tl.full((), ENCODE_NUMERATOR, tl.float32), amax), 3.4028234663852886e38)
         s = tl.where((amax == 0) | (s == 0) | (amax_bits >= 0x7F800000), one, s)
     else:
         s = one
@@ -462,7 +443,8 @@ def _quantize_tile(v, row0, rows, col0, cols, s, d_global, q_ptr, scale_ptr, deq
     tl.store(s_ptrs, byte.to(tl.uint8), mask=s_mask)
 
     # Step 4: e_b = min(1 / (d_b * D), FLT_MAX), correctly rounded; per row of the tile for 2D blocks.
-    e_block = _div_rn_to_flt_max(tl.full((NB_R, NB_K), 1.0, tl.float32), d_block * d_global)
+    e_block = tl.minimum(tl.div_rn(tl.full((NB_R, NB_K), 1.0, tl.float32), d_block * d_global),
+                         3.4028234663852886e38)
     d_nan = tl.where(block_is_finite, d_block, float("nan"))
     if BLOCK_ROWS > 1:
         e_block = tl.reshape(tl.broadcast_to(e_block[:, None, :], (NB_R, BLOCK_ROWS, NB_K)), (BLOCK_R, NB_K))
