@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 import fp4compile
@@ -32,3 +33,13 @@ def reference_step(model, inputs, precisions: dict[str, LinearPrecision], seed=1
     loss = ref(*inputs)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+
+def skip_module_unless_kernels_run(kernel) -> None:
+    """Skip the calling test module where the Triton kernel ``kernel`` cannot run: without CUDA it must be an
+    interpreter function (tests/conftest.py sets ``TRITON_INTERPRET=1`` before Triton is first imported)."""
+    import triton
+
+    if not torch.cuda.is_available() and not isinstance(kernel, triton.runtime.interpreter.InterpretedFunction):
+        pytest.skip(f"{kernel} is not an interpreter function: TRITON_INTERPRET=1 was set after Triton was imported",
+                    allow_module_level=True)

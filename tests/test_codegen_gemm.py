@@ -7,14 +7,8 @@ lie within ``2 K 2^-24 (|A_u| |B_u|^T) alpha + 4 * 2^-24 |C|`` (plus half an ulp
 On CPU the kernels run under ``TRITON_INTERPRET=1`` with float16 operands (the interpreter's bf16 is wrong).
 """
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -22,13 +16,13 @@ import fp4compile  # noqa: E402
 from fp4compile.numerics.formats import NVFP4, Rounding  # noqa: E402
 from fp4compile.codegen import gemm as cg  # noqa: E402
 from fp4compile.codegen import quantize as cq  # noqa: E402
+from helpers import skip_module_unless_kernels_run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["cublas_dequant", "triton_dequant", "triton_packed"]
 OUT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
-if DEVICE == "cpu" and not isinstance(cg._gemm_kernel, triton.runtime.interpreter.InterpretedFunction):
-    pytest.skip("fp4compile.codegen was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+skip_module_unless_kernels_run(cg._gemm_kernel)
 
 
 def _q(x, block=(1, 16), rounding=Rounding.NEAREST, hadamard=False, seed=0):

@@ -1,18 +1,13 @@
 """The Triton quantize kernels against the reference quantizer, bit for bit (docs/numerics.md section 5).
 
-On a machine without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set below before any Triton kernel
-is defined) at small sizes; on CUDA the same tests run compiled, and the ``gpu`` tests add full sizes.
+On a machine without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set by tests/conftest.py before Triton
+is first imported) at small sizes; on CUDA the same tests run compiled, and the ``gpu`` tests add full sizes.
 """
 
 import math
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -23,11 +18,11 @@ from fp4compile.numerics.hadamard import random_hadamard_transform  # noqa: E402
 from fp4compile.numerics.reference import quantize_reference, tensor_amaxes_reference  # noqa: E402
 from fp4compile.numerics.rounding import e2m1_values  # noqa: E402
 from fp4compile.codegen import quantize as cq  # noqa: E402
+from helpers import skip_module_unless_kernels_run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-if DEVICE == "cpu" and not isinstance(cq._quantize_kernel, triton.runtime.interpreter.InterpretedFunction):
-    pytest.skip("fp4compile.codegen.quantize was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+skip_module_unless_kernels_run(cq._quantize_kernel)
 
 
 def _both(x, format="nvfp4", block=None, rounding="nearest", seed=0, offset=0, hadamard=False, ref_device="cpu"):

@@ -125,7 +125,8 @@ def test_llama_gradient_checkpointing_keeps_the_names_given_the_model():
     """Under Hugging Face's gradient checkpointing Dynamo compiles ``model.model``'s forward as a frame of its
     own; with the model the sites still carry the model's names and its stack."""
     model = _llama()
-    model.gradient_checkpointing_enable()
+    # transformers 5.24 renamed it (the old name warns); older releases have only the old name.
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
     be, _ = _train(model, steps=1, with_model=True, input_ids=_ids(), labels=_ids())
     rows = _forward_rows(be)

@@ -7,14 +7,8 @@ Inductor turns into launches from its generated code). On a machine without CUDA
 them and check Inductor's generated code.
 """
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
@@ -23,11 +17,11 @@ from fp4compile.codegen import quantize as cq  # noqa: E402
 from fp4compile.ops import triton_ops  # noqa: E402,F401  (registers the ops)
 from fp4compile.passes.choose_gemm_paths import GemmPaths, gemm_path  # noqa: E402
 from fp4compile.policy.precision import HIGH, GemmPrecision, OperandPrecision, Role  # noqa: E402
+from helpers import skip_module_unless_kernels_run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-if DEVICE == "cpu" and not isinstance(cq._quantize_kernel, triton.runtime.interpreter.InterpretedFunction):
-    pytest.skip("fp4compile.codegen.quantize was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+skip_module_unless_kernels_run(cq._quantize_kernel)
 
 OPERANDS = ["nvfp4|1x16|nearest|-", "nvfp4|16x16|nearest|-", "nvfp4|1x16|stochastic|-", "nvfp4|1x16|stochastic|rht"]
 
