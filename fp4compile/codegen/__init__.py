@@ -7,7 +7,7 @@ import functools
 import os
 from typing import Any, Iterator
 
-__all__ = ["triton_available", "runs_on_triton", "traceable", "eager_launches"]
+__all__ = ["triton_available", "runs_on_triton", "interpreting", "traceable", "eager_launches"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,12 +33,18 @@ def runs_on_triton(t) -> bool:
     return t.is_cuda and triton_available()
 
 
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, Triton's own setting): kernels
+    decorated under it run on CPU tensors through NumPy, and cannot be traced or compiled."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def traceable(kernel: Any) -> Any:
     """``torch.library.wrap_triton(kernel)``, what the host wrappers launch: inside a ``triton_op`` body traced by
     AOTAutograd (`fp4compile.ops.triton_ops`) the launch becomes a graph node that Inductor's generated code
     launches; in eager code (under `eager_launches`) it is a plain launch. Under ``TRITON_INTERPRET=1`` the
     kernel as it is (the interpreter's kernels cannot be traced)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return kernel
     from torch.library import wrap_triton
 

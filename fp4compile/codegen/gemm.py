@@ -43,6 +43,7 @@ import triton.language as tl
 from ..numerics.formats import Fp4Format
 from ..numerics.gemm import check_gemm_operands, gemm_reference
 from ..numerics.qtensor import QuantizedTensor
+from . import interpreting
 from .quantize import (
     SCALE_E4M3,
     _abs_bits,
@@ -52,7 +53,6 @@ from .quantize import (
     _amax_bits,
     _as_2d_view,
     _cuda_sm_count,
-    _interpreting,
     _scale_kind,
     dequantize_unscaled_triton,
 )
@@ -269,10 +269,10 @@ def _launch_gemm(a_arg, sa, b_arg, sb, out, bias, d_a, d_b, amax_a, m, n, k, a_s
     has_bias = bias is not None
     bias_arg = bias if has_bias else out
     common = dict(A_MODE=a_mode, B_MODE=b_mode, B_T=b_t, A_BLOCK_ROWS=a_block_rows, B_BLOCK_ROWS=b_block_rows,
-                  HAS_BIAS=has_bias, K_STATIC=k if _interpreting() else 0)
+                  HAS_BIAS=has_bias, K_STATIC=k if interpreting() else 0)
     args = (a_arg, sa, b_arg, sb, out, bias_arg, d_a, d_b, amax_a, m, n, k, *a_strides, *b_strides,
             out.stride(0), out.stride(1))
-    if out.is_cuda and not _interpreting():
+    if out.is_cuda and not interpreting():
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _tuned_kernel()[grid](*args, **common)
     else:
@@ -575,7 +575,7 @@ def dense_tma_supported(a16: torch.Tensor, b_kn: torch.Tensor, out_dtype: torch.
     """Whether `gemm_dense` takes the TMA kernel: a CUDA device of compute capability 9.0 or newer (not the
     interpreter), fp16/bf16 operands of one dtype, A row-major and B stored row-major as (K, N) or (N, K), all
     16-byte aligned, and an output row of whole 16-byte units."""
-    if _interpreting() or not a16.is_cuda or not _sm90_or_newer(a16.device.index):
+    if interpreting() or not a16.is_cuda or not _sm90_or_newer(a16.device.index):
         return False
     if a16.dtype not in _GL_DTYPES or b_kn.dtype != a16.dtype or out_dtype not in (*_GL_DTYPES, torch.float32):
         return False
@@ -626,7 +626,7 @@ def _launch_dense_tma(a16, b_kn, out, bias, d_a, d_b, cfg: DenseConfig, num_prog
     else:
         num_progs = min(num_progs, tiles)
         ws = flags = out
-    interpret = _interpreting()
+    interpret = interpreting()
     _dense_tma_kernel[(num_progs,)](
         a_desc, b_desc, c_desc, bias if bias is not None else out, d_a, d_b, ws, flags, m, n, k, dp_tiles, k_head,
         B_KN=b_is_kn, HAS_BIAS=bias is not None, SCHEDULE=schedule, SPLIT_K=split, FLATTEN=cfg.flatten,
@@ -775,7 +775,7 @@ def gemm(
         path = choose_gemm_path(m, n, k, a.format, device)
     supported = (_scale_kind(a.format) == SCALE_E4M3 and _scale_kind(b.format) == SCALE_E4M3
                  and a.format.block_size == 16 and b.format.block_size == 16)
-    if path == "reference" or not supported or not (a.qdata.is_cuda or _interpreting()):
+    if path == "reference" or not supported or not (a.qdata.is_cuda or interpreting()):
         if path != "reference":
             logger.info("gemm: reference path for formats %s/%s on %s", a.format.spec, b.format.spec, device)
         return gemm_reference(a, b, b_transposed, bias, out_dtype)
@@ -848,7 +848,7 @@ def gemm_quantize_a(
         n = b.shape[-2]
         if b.shape[-1] != k:
             raise ValueError(f"gemm_quantize_a: K differs: x {tuple(x.shape)}, b {tuple(b.shape)}")
-    if k % 16 or _scale_kind(b.format) != SCALE_E4M3 or not (x.is_cuda or _interpreting()):
+    if k % 16 or _scale_kind(b.format) != SCALE_E4M3 or not (x.is_cuda or interpreting()):
         from .quantize import quantize_triton
         from ..numerics.formats import NVFP4, Rounding
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
@@ -38,7 +37,7 @@ import triton.language as tl
 
 from ..numerics.formats import E2M1_MAX, Fp4Format, Rounding, ScaleRounding
 from ..numerics.qtensor import QuantizedTensor
-from . import traceable
+from . import interpreting, traceable
 
 __all__ = [
     "quantize_triton",
@@ -61,7 +60,7 @@ SCALE_E8M0_CEIL = 2  # NV's MXFP4: the smallest power of two with 6 * d >= amax_
 _FLT_MAX = 3.4028234663852886e38
 # Kernels defined under TRITON_INTERPRET=1 run in Triton's interpreter (decided when `triton.jit` decorates them,
 # i.e. at import, as here); a few numerics differ there and are worked around only there.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_INTERPRETED = tl.constexpr(interpreting())
 # Negative entries of the RHT sign vector (1,1,1,-1,1,-1,-1,-1,-1,-1,-1,1,-1,1,-1,-1) as a bit mask.
 _RHT_NEG_MASK = sum(1 << j for j in (3, 5, 6, 7, 8, 9, 10, 12, 14, 15))
 assert _RHT_NEG_MASK == 0xD7E8
@@ -569,7 +568,7 @@ def _tile_config(default: tuple, override: Optional[tuple]) -> tuple:
 
 
 def _sm_count(t: torch.Tensor) -> int:
-    return _cuda_sm_count(t.device.index) if t.is_cuda and not _interpreting() else 1
+    return _cuda_sm_count(t.device.index) if t.is_cuda and not interpreting() else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -607,7 +606,7 @@ def _amax_bits(x2: torch.Tensor, rows: int, k: int, hadamard: bool,
     amax_bits = torch.zeros(2 if with_plain else 1, dtype=torch.int32, device=x2.device)
     if rows == 0 or k == 0:
         return amax_bits
-    on_cuda = x2.is_cuda and not _interpreting()
+    on_cuda = x2.is_cuda and not interpreting()
     default = (AMAX_TILE_CUDA_COLUMNS if x2.stride(1) != 1 else AMAX_TILE_CUDA) if on_cuda else _TILE_CPU
     tile_r, tile_k, warps, row_vec, per_sm = _tile_config(default, _tile)
     block_k = max(16, min(tile_k, triton.next_power_of_2(k)))
@@ -650,7 +649,7 @@ def quantize_triton(
     `tensor_amax_triton`; the reduction kernel is skipped. It must be exact for bit-exact results.
     """
     scale_kind = _scale_kind(fmt)
-    if scale_kind is None or not x.is_cuda and not _interpreting():
+    if scale_kind is None or not x.is_cuda and not interpreting():
         from ..numerics.reference import quantize_reference
 
         logger.info("quantize_triton: falling back to the reference for format %s on %s (%s)", fmt.spec,
@@ -680,7 +679,7 @@ def quantize_triton(
         stochastic = rounding is Rounding.STOCHASTIC
         seed_from_ptr = isinstance(seed, torch.Tensor) and seed.device == device
         seed_arg = seed.reshape(1).to(torch.int64) if seed_from_ptr else _int_arg(seed)
-        on_cuda = x.is_cuda and not _interpreting()
+        on_cuda = x.is_cuda and not interpreting()
         default = (QUANTIZE_TILE_CUDA_COLUMNS if x2.stride(1) != 1 else QUANTIZE_TILE_CUDA) if on_cuda else _TILE_CPU
         tile_r, tile_k, warps, row_vec = _tile_config(default[:4], _tile)
         # Tiles: multiples of the block shape, no larger than needed for small tensors.
@@ -717,12 +716,12 @@ def dequantize_unscaled_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.f
     scale_kind = _scale_kind(qt.format)
     k = qt.shape[-1]
     rows = qt.qdata.numel() * 2 // k if k else 0
-    if scale_kind is None or not qt.qdata.is_cuda and not _interpreting():
+    if scale_kind is None or not qt.qdata.is_cuda and not interpreting():
         return qt.dequantize_unscaled().reshape(rows, k).to(dtype)
     out = torch.empty((rows, k), dtype=dtype, device=qt.qdata.device)
     if rows and k:
         br, bc = qt.block
-        on_cuda = qt.qdata.is_cuda and not _interpreting()
+        on_cuda = qt.qdata.is_cuda and not interpreting()
         tile_r, tile_k, warps = _tile_config(DEQUANTIZE_TILE_CUDA if on_cuda else _TILE_CPU[:3], _tile)
         block_r, block_k = max(br, min(tile_r, triton.next_power_of_2(rows))), max(bc, 16, min(tile_k, triton.next_power_of_2(k)))
         codes = qt.qdata.reshape(rows, k // 2)
@@ -734,8 +733,3 @@ def dequantize_unscaled_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.f
         )
     return out
 
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
