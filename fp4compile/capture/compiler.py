@@ -194,6 +194,12 @@ class Fp4Backend:
         def record(label: str, graph: fx.GraphModule) -> None:
             report.aot_code[label] = graph.code
 
+        if self.dump_dir:
+            from ..inspect.dump import dump_folder
+
+            # Before the graph is traced: on CUDA a traced quantization calls no Python, so it reports to the
+            # numerics observer only if one is installed when AOTAutograd traces it (fp4compile/ops/triton_ops.py).
+            dump_folder(self)
         compiled = compile_inner(result.graph_module, example_inputs, self.inner, record, self.cudagraphs)
         if self.dump_dir:
             self._write_dump()
