@@ -25,6 +25,7 @@ import inspect
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 __all__ = ["main", "split_run_args", "load_target"]
@@ -200,11 +201,16 @@ def _sensitivity(args: argparse.Namespace) -> int:
     model, batches = load_target(rest[0], rest[1:])
     if args.batches:
         batches = batches[: args.batches]
-    recipe = getattr(recipes, args.recipe)()
+    recipe = recipes.from_name(args.recipe)
     if out and args.dump:
-        if not isinstance(batches[0], (tuple, list)):
-            raise ValueError("--dump needs batches of positional inputs")
-        fp4compile.dump(model, *batches[0], out=out, policy=recipe, onnx=False)
+        first = batches[0]
+        if isinstance(first, Mapping):  # keyword inputs, as transformers models take them
+            fp4compile.dump(model, out=out, policy=recipe, onnx=False, **first)
+        elif isinstance(first, (tuple, list)):
+            fp4compile.dump(model, *first, out=out, policy=recipe, onnx=False)
+        else:
+            raise TypeError(f"--dump needs batches of positional inputs (tuple or list) or keyword inputs (a "
+                            f"mapping), got a batch of type {type(first).__name__}")
     report = fp4compile.sensitivity(model, batches=batches, recipe=recipe, metric=args.metric,
                                     blocks=not args.no_blocks, per_site=not args.no_sites, seed=args.seed,
                                     progress=not args.no_progress, out=out)
@@ -235,6 +241,8 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .recipes import RECIPE_NAMES
+
     p = argparse.ArgumentParser(prog="fp4compile", description="fp4compile: inspect what the fp4 backend did.")
     sub = p.add_subparsers(dest="command", required=True)
     dump = sub.add_parser("dump", help="produce and read dumps of a compiled training step")
@@ -254,7 +262,7 @@ def _parser() -> argparse.ArgumentParser:
     sens = sub.add_parser("sensitivity", help="measure what FP4 costs at every site and role of a model: "
                           "sensitivity [options] <file.py[:fn] | module:fn> [args...] --out <dir>")
     sens.add_argument("--out", default=None, help="folder for sensitivity.json/.html (a dump's folder or a new one)")
-    sens.add_argument("--recipe", default="nvfp4", choices=["nvfp4", "mxfp4", "fp4_all_the_way"],
+    sens.add_argument("--recipe", default="nvfp4", choices=[n for n in RECIPE_NAMES if n != "high_precision"],
                       help="the recipe whose role precisions are measured")
     sens.add_argument("--metric", default="grad_error", choices=["grad_error", "grad_rel_error", "grad_cosine",
                                                                  "loss_delta"])

@@ -113,8 +113,8 @@ def high_precision() -> Recipe:
 
 
 #: The names `from_name` accepts: the constructors above.
-RECIPE_NAMES: tuple[str, ...] = ("nvfp4", "fp4_all_the_way", "mxfp4", "high_precision")
 _CONSTRUCTORS = {"nvfp4": nvfp4, "fp4_all_the_way": fp4_all_the_way, "mxfp4": mxfp4, "high_precision": high_precision}
+RECIPE_NAMES: tuple[str, ...] = tuple(_CONSTRUCTORS)
 
 
 def from_name(name: str, **kwargs) -> Recipe:
