@@ -33,9 +33,11 @@ def runs_on_triton(t) -> bool:
     return t.is_cuda and triton_available()
 
 
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, Triton's own setting): kernels
-    decorated under it run on CPU tensors through NumPy, and cannot be traced or compiled."""
+    decorated under it run on CPU tensors through NumPy, and cannot be traced or compiled. Read once, like the
+    kernels' own choice, which `triton.jit` makes when it decorates them at import."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

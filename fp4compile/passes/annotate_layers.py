@@ -101,11 +101,6 @@ class BlockPlacement:
         if self.block is not None and not 0 <= self.block < self.count:
             raise ValueError(f"BlockPlacement: block must lie in [0, {self.count}), got {self.block}")
 
-    def in_stack(self, prefix: str) -> bool:
-        """Whether a graph's stack prefix names this stack: equal, or one ends the other at a component boundary
-        (a wrapper such as DDP's ``module.`` appears in the model's paths but not in Dynamo's, or the reverse)."""
-        return prefix == self.stack or prefix.endswith("." + self.stack) or self.stack.endswith("." + prefix)
-
 
 def block_index(module: str) -> Optional[tuple[str, int]]:
     """``(stack prefix, index)`` of the first integer component of a module path, e.g.
