@@ -215,3 +215,47 @@ def test_study_script_imports_the_convergence_study():
     out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--measure-after" in out.stdout and "--granularity" in out.stdout
+
+
+class _TwoStacks(torch.nn.Module):
+    """An encoder and a decoder stack of MLP blocks, neither named with integers alone, then a head: the
+    backend keeps each stack's first and last block high; the report must place its sites the same way."""
+
+    def __init__(self, d: int = 32, n: int = 3) -> None:
+        super().__init__()
+
+        def block() -> torch.nn.Sequential:
+            return torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+
+        self.encoder = torch.nn.ModuleDict({f"layer_{i}": block() for i in range(n)})
+        self.decoder = torch.nn.ModuleList(block() for _ in range(n))
+        self.head = torch.nn.Linear(d, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for b in self.encoder.values():
+            x = x + b(x)
+        for b in self.decoder:
+            x = x + b(x)
+        return torch.nn.functional.cross_entropy(self.head(x).flatten(0, 1), y.flatten())
+
+
+def test_sites_are_placed_in_their_stacks_as_the_backend_places_them():
+    torch.manual_seed(0)
+    model = _TwoStacks()
+    x, y = torch.randn(2, 16, 32), torch.randint(0, 8, (2, 16))
+    report = fp4compile.sensitivity(model, batches=[(x, y)], per_site=False, blocks=True, progress=False)
+    stacks = {s.module: s.stack for s in report.sites}
+    assert stacks["encoder.layer_1.0"] == "encoder" and stacks["decoder.2.2"] == "decoder", stacks
+    assert [s.module for s in report.sites if s.is_output_head] == ["head"]
+    policy = recipes.nvfp4()
+    from_report = {s.module for s in report.sites if policy.decide(s, Role.FORWARD).precision.is_high}
+    compiled = torch.compile(model, backend=fp4compile.backend(policy=policy, inner="aot_eager", model=model))
+    compiled(x, y).backward()
+    backend = fp4compile.backend(policy=policy, inner="aot_eager", model=model)
+    from_backend = {r.module for r in backend.rows() if r.role == "forward" and r.precision == "high"}
+    # first and last block of each stack, and the head
+    assert from_report == from_backend == {"encoder.layer_0.0", "encoder.layer_0.2", "encoder.layer_2.0",
+                                           "encoder.layer_2.2", "decoder.0.0", "decoder.0.2", "decoder.2.0",
+                                           "decoder.2.2", "head"}
+    assert {e.module for e in report.entries if e.scope == "block"} == {
+        "encoder.0", "encoder.1", "encoder.2", "decoder.0", "decoder.1", "decoder.2"}

@@ -51,7 +51,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..numerics.api import quantize
-from ..passes.annotate_layers import block_index
+from ..passes.annotate_layers import place_sites
 from ..passes.legalize import illegal_reason
 from ..policy.precision import HIGH, GemmPrecision, LinearPrecision, OperandPrecision, Role
 from ..policy.recipe import Policy, Recipe
@@ -292,30 +292,22 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if _is_conv1d(module) else module.weight
 
 
-def _describe_sites(order: Sequence[str], modules: Mapping[str, nn.Module],
+def _describe_sites(model: nn.Module, order: Sequence[str], modules: Mapping[str, nn.Module],
                     shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> tuple[GemmSite, ...]:
-    """`GemmSite`s with the block stack and the output head found as `annotate_layers` finds them."""
-    indices: dict[str, set[int]] = collections.defaultdict(set)
-    for name in order:
-        found = block_index(name)
-        if found:
-            indices[found[0]].add(found[1])
-    stack = max(indices, key=lambda p: len(indices[p]), default=None)
-    first = min(indices[stack]) if stack is not None else None
-    last = max(indices[stack]) if stack is not None else None
+    """`GemmSite`s with their block stacks and the output head placed as the backend places them when it is
+    given the model (`fp4compile.distributed.model_block_stacks`, `fp4compile.passes.annotate_layers.place_sites`)."""
+    from ..distributed import model_block_stacks  # not at import: distributed -> passes -> ops -> inspect
+
+    places = place_sites(order, model_block_stacks(model))
     sites = []
-    for position, name in enumerate(order):
+    for position, (name, place) in enumerate(zip(order, places)):
         module = modules[name]
         out_features, in_features = _weight(module).shape
         shape, dtype = shapes[name]
-        found = block_index(name)
-        in_stack = found is not None and found[0] == stack
         sites.append(GemmSite(
             node=name, module=name, weight=f"{name}.weight" if name else "weight", spelling="linear",
             in_features=int(in_features), out_features=int(out_features), input_shape=tuple(str(s) for s in shape),
-            dtype=str(dtype), layer_index=found[1] if in_stack else None, first_layer=first if in_stack else None,
-            last_layer=last if in_stack else None, is_output_head=not in_stack and position == len(order) - 1,
-            trainable=module.weight.requires_grad, position=position,
+            dtype=str(dtype), trainable=module.weight.requires_grad, position=position, **(place or {}),
         ))
     return tuple(sites)
 
@@ -493,14 +485,13 @@ def _parts(sites: Sequence[GemmSite], blocks: bool, per_site: bool) -> Iterator[
         for site in sites:
             yield Scope.SITE.value, site.module, ALL_ROLES, site.layer_index, [(site.module, r) for r in Role]
     if blocks:
-        by_layer: dict[int, list[GemmSite]] = collections.defaultdict(list)
+        by_block: dict[tuple[str, int], list[GemmSite]] = collections.defaultdict(list)
         for site in sites:
-            if site.layer_index is not None:
-                by_layer[site.layer_index].append(site)
-        for layer, members in sorted(by_layer.items()):
-            stack = block_index(members[0].module)[0]
-            yield (Scope.BLOCK.value, f"{stack}.{layer}", ALL_ROLES, layer,
-                   [(s.module, r) for s in members for r in Role])
+            if site.stack is not None and site.layer_index is not None:
+                by_block[(site.stack, site.layer_index)].append(site)
+        for (stack, layer), members in by_block.items():  # in site order: stack by stack, block by block
+            name = str(layer) if stack == "(root)" else f"{stack}.{layer}"
+            yield (Scope.BLOCK.value, name, ALL_ROLES, layer, [(s.module, r) for s in members for r in Role])
     yield Scope.MODEL.value, "", ALL_ROLES, None, [(s.module, r) for s in sites for r in Role]
 
 
@@ -534,7 +525,7 @@ def _discover(model: nn.Module, params: Sequence[nn.Parameter], modules: Mapping
     if unused:
         logger.info("fp4compile sensitivity: %d module(s) not called by the model are not sites: %s",
                     len(unused), ", ".join(unused))
-    return _describe_sites(probe.order, modules, probe.shapes), probe.input_needs_grad
+    return _describe_sites(model, probe.order, modules, probe.shapes), probe.input_needs_grad
 
 
 def _reference(model: nn.Module, params: Sequence[nn.Parameter], sizes: Sequence[int], batches: Sequence[Any],

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch.fx as fx
 
 from .meta import MODEL_STACKS, SCOPES, SITE
 from .subgraphs import all_graph_modules
 
-__all__ = ["annotate_layers", "block_index", "BlockPlacement", "BlockStack", "PLACEMENT", "find_block_stacks"]
+__all__ = ["annotate_layers", "block_index", "BlockPlacement", "BlockStack", "PLACEMENT", "find_block_stacks",
+           "place_sites"]
 
 _INDEX = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
@@ -210,25 +211,37 @@ def annotate_layers(gm: fx.GraphModule) -> fx.GraphModule:
         stacks = (BlockStack(placement.stack, tuple(str(i) for i in range(placement.count))),)
     if stacks is None:
         stacks = find_block_stacks(_graph_blocks(nodes, gm))
+    places = place_sites([n.meta[SITE].module for n in nodes], tuple(stacks))
+    for node, place in zip(nodes, places):
+        if place is not None:
+            node.meta[SITE] = dataclasses.replace(node.meta[SITE], **place)
+    return gm
+
+
+def place_sites(modules: Sequence[str], stacks: tuple[BlockStack, ...]) -> list[Optional[dict[str, Any]]]:
+    """Where each of ``modules`` (GEMM sites' module paths, in call order) lies: for a site in a block of one of
+    ``stacks``, its `GemmSite` fields ``stack``, ``layer_index``, ``first_layer`` and ``last_layer``; for a site of
+    the output head (every site after the last one in a stack; the last site when no site is in one),
+    ``is_output_head=True``; else None. Containers of stacks give way to their inner stacks
+    (`_without_containers`), so that each stack has its own first and last block."""
     by_parent: dict[str, list[BlockStack]] = {}
-    for stack in _without_containers(tuple(stacks), [n.meta[SITE].module for n in nodes]):
+    for stack in _without_containers(stacks, list(modules)):
         by_parent.setdefault(stack.prefix, []).append(stack)
+    places: list[Optional[dict[str, Any]]] = [None] * len(modules)
     last_in_stack = -1
-    for i, node in enumerate(nodes):
-        site = node.meta[SITE]
-        found = _stack_of(site.module, by_parent)
+    for i, module in enumerate(modules):
+        found = _stack_of(module, by_parent)
         if found is None:
             continue
         stack, name = found
         indices = stack.indices()
-        node.meta[SITE] = dataclasses.replace(site, stack=stack.label, layer_index=indices[name],
-                                              first_layer=min(indices.values()), last_layer=max(indices.values()))
+        places[i] = dict(stack=stack.label, layer_index=indices[name], first_layer=min(indices.values()),
+                         last_layer=max(indices.values()))
         last_in_stack = i
-    head = nodes[last_in_stack + 1:] if last_in_stack >= 0 else nodes[-1:]
-    for node in head:
-        if node.meta[SITE].stack is None:
-            node.meta[SITE] = dataclasses.replace(node.meta[SITE], is_output_head=True)
-    return gm
+    head_start = last_in_stack + 1 if last_in_stack >= 0 else len(modules) - 1
+    for i in range(max(head_start, 0), len(modules)):  # none of these lies in a stack
+        places[i] = dict(is_output_head=True)
+    return places
 
 
 def _annotate_block(nodes: list[fx.Node], placement: BlockPlacement) -> None:
