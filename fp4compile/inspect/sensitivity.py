@@ -51,6 +51,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..numerics.api import quantize
+from ..ops.linear import pad_token_rows, token_multiple
 from ..passes.annotate_layers import place_sites
 from ..passes.legalize import illegal_reason
 from ..policy.precision import HIGH, GemmPrecision, LinearPrecision, OperandPrecision, Role
@@ -358,17 +359,6 @@ def _call(model: nn.Module, batch: Any) -> Any:
     return model(*batch)
 
 
-def _pad_tokens(x2: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero rows up to a multiple of ``multiple``: the weight-gradient GEMM pads its token axis so (fp4_linear,
-    and the reference linear of fp4compile/testing/fake_quant.py); zeros change no SQNR sum."""
-    extra = -x2.shape[0] % multiple
-    return x2 if extra == 0 else torch.cat([x2, x2.new_zeros(extra, x2.shape[1])])
-
-
-def _token_multiple(precision: GemmPrecision) -> int:
-    return math.lcm(precision.lhs.format.block_size, 16 if (precision.lhs.hadamard or precision.rhs.hadamard) else 1)
-
-
 class _OperandProbe:
     """Forward and gradient hooks that measure each site's operands in every FP4 role (first call only)."""
 
@@ -409,7 +399,7 @@ class _OperandProbe:
                 self._record(f"{name}:forward:rhs", w, f.rhs)
             if self._wanted(name, Role.WEIGHT_GRAD):
                 g = self.precisions[Role.WEIGHT_GRAD]
-                self._record(f"{name}:weight_grad:rhs", _pad_tokens(x2, _token_multiple(g)).t(), g.rhs)
+                self._record(f"{name}:weight_grad:rhs", pad_token_rows(x2, token_multiple(g)).t(), g.rhs)
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(lambda dy, n=name, wt=w: self._gradient_hook(n, wt, dy))
 
@@ -422,7 +412,7 @@ class _OperandProbe:
                 self._record(f"{name}:input_grad:rhs", w.t(), d.rhs)
             if self._wanted(name, Role.WEIGHT_GRAD):
                 g = self.precisions[Role.WEIGHT_GRAD]
-                self._record(f"{name}:weight_grad:lhs", _pad_tokens(dy2, _token_multiple(g)).t(), g.lhs)
+                self._record(f"{name}:weight_grad:lhs", pad_token_rows(dy2, token_multiple(g)).t(), g.lhs)
 
     def install(self) -> list[Any]:
         return [m.register_forward_hook(lambda mod, a, o, n=name: self.forward_hook(n, mod, a, o))

@@ -36,7 +36,7 @@ from ..numerics.hadamard import HADAMARD_SIZE
 from . import library  # noqa: F401  (registers torch.ops.fp4compile.*)
 from .triton_ops import uses_triton_ops
 
-__all__ = ["fp4_linear", "Fp4LinearFunction", "default_gemm_paths"]
+__all__ = ["fp4_linear", "Fp4LinearFunction", "default_gemm_paths", "token_multiple", "pad_token_rows"]
 
 _SEED_HIGH = 2**62
 
@@ -146,7 +146,7 @@ def _dense_gemm(a: tuple, b: tuple, b_transposed: bool, bias, out_dtype) -> torc
     return c.to(out_dtype)
 
 
-def _token_multiple(precision: GemmPrecision) -> int:
+def token_multiple(precision: GemmPrecision) -> int:
     """Row multiple the weight-gradient GEMM needs along the token axis (its reduction axis)."""
     multiple = precision.lhs.format.block_size
     if precision.lhs.hadamard or precision.rhs.hadamard:
@@ -154,7 +154,9 @@ def _token_multiple(precision: GemmPrecision) -> int:
     return multiple
 
 
-def _pad_rows(x2: torch.Tensor, multiple: int) -> torch.Tensor:
+def pad_token_rows(x2: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x2`` with zero rows appended up to a multiple of ``multiple``: zero tokens add nothing to ``dy^T x`` and
+    leave every amax unchanged."""
     rows = x2.shape[0]
     if rows % multiple == 0:
         return x2
@@ -177,7 +179,7 @@ class Fp4LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         fwd, wgrad = cfg.forward, cfg.weight_grad
         # x^T, the weight-gradient operand: (features, tokens), tokens zero-padded to the block multiple.
-        x_t = None if wgrad.is_high else _pad_rows(x2, _token_multiple(wgrad)).t()
+        x_t = None if wgrad.is_high else pad_token_rows(x2, token_multiple(wgrad)).t()
         x_amax = xt_amax = None
         if not fwd.is_high and x_t is not None:
             x_amax, xt_amax = _shared_amaxes(x_t, fwd.lhs, wgrad.rhs)
@@ -216,7 +218,7 @@ class Fp4LinearFunction(torch.autograd.Function):
         dx = dw = db = None
         dgrad, wgrad = cfg.input_grad, cfg.weight_grad
         need_dw = ctx.needs_input_grad[1] and not wgrad.is_high
-        dy_t = _pad_rows(dy2, _token_multiple(wgrad)).t() if need_dw else None
+        dy_t = pad_token_rows(dy2, token_multiple(wgrad)).t() if need_dw else None
         dy_amax = dyt_amax = None
         if ctx.needs_input_grad[0] and not dgrad.is_high and need_dw:
             dy_amax, dyt_amax = _shared_amaxes(dy_t, dgrad.lhs, wgrad.lhs)
