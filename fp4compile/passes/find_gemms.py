@@ -62,12 +62,17 @@ class GemmMatch:
     spelling: str
 
 
+def _target_name(node: fx.Node, default: Any = "") -> Any:
+    """The name of what ``node`` calls: the method name, or the function's ``__name__`` (else ``default``)."""
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", default)
+
+
 def _is_transpose_2d(node: fx.Node) -> bool:
     """Whether ``node`` swaps the two axes of a 2D tensor."""
     target, args = node.target, node.args
     if node.op == "call_function" and target is getattr and args[1] in ("T", "mT"):
         return True
-    name = target if node.op == "call_method" else getattr(target, "__name__", "")
+    name = _target_name(node)
     if name == "t" and len(args) == 1:
         return True
     if name == "transpose":
@@ -94,7 +99,7 @@ def _sliced_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[f
     """The parameter node if ``node`` takes part of a 2D parameter (``W[a:b]``, ``W.narrow(...)``), else None."""
     if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = _target_name(node)
     if name in ("getitem", "__getitem__", "narrow") and node.args[0] in params:
         return node.args[0]
     return None
@@ -110,7 +115,7 @@ def _stacked_weight(value: Any, stacked: dict[fx.Node, torch.Tensor]) -> Optiona
     while isinstance(value, fx.Node):
         if value in stacked:
             return value
-        name = value.target if value.op == "call_method" else getattr(value.target, "__name__", "")
+        name = _target_name(value)
         if name not in _VIEW_NAMES or not value.args:
             return None
         value = value.args[0]
@@ -122,7 +127,7 @@ def _stacked_gemm_reason(node: fx.Node, stacked: dict[fx.Node, torch.Tensor]) ->
     weights, ``(experts, N, K)``) stays in high precision, or None if ``node`` is no such call."""
     if not stacked:
         return None
-    name = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)).lower()
+    name = str(_target_name(node, node.target)).lower()
     if not any(word in name for word in _GEMM_WORDS):
         return None
     for arg in (*node.args, *node.kwargs.values()):
