@@ -27,7 +27,7 @@ from ..distributed import GraphRoute, ModelLayout, model_layout, route_graph, sp
 from ..inspect.table import TableRow, precision_table, rows_to_json, rows_to_markdown
 from ..passes.annotate_layers import PLACEMENT, BlockPlacement
 from ..passes.meta import MODEL_STACKS, PARAMETER_NAMES
-from ..passes.pipeline import copy_graph_module, run_passes
+from ..passes.pipeline import run_passes
 from ..policy.recipe import Policy, unmatched_patterns
 from ..policy.schedule import FP4_PHASE, Phase, PhaseSource, StepCounter
 from .inner import INNER_COMPILERS, compile_inner
@@ -167,15 +167,15 @@ class Fp4Backend:
 
     def _compile_phase(self, gm: fx.GraphModule, example_inputs: Sequence[Any], graph_id: str, phase: Phase,
                        placement: Optional[BlockPlacement] = None) -> Callable:
-        if placement is not None or self.layout is not None:
-            gm = copy_graph_module(gm)  # the placement differs per variant: Dynamo's graph stays untouched
-            if placement is not None:
-                gm.meta[PLACEMENT] = placement
-            if self.layout is not None:
-                gm.meta[MODEL_STACKS] = self.layout.stacks
-                gm.meta[PARAMETER_NAMES] = self.layout.names_of
+        # Set on the passes' own copy of the graph (Dynamo's graph stays untouched; the placement differs per variant).
+        graph_meta: dict[str, Any] = {}
+        if placement is not None:
+            graph_meta[PLACEMENT] = placement
+        if self.layout is not None:
+            graph_meta[MODEL_STACKS] = self.layout.stacks
+            graph_meta[PARAMETER_NAMES] = self.layout.names_of
         result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify,
-                             cudagraphs=self.cudagraphs and self.inner == "inductor")
+                            cudagraphs=self.cudagraphs and self.inner == "inductor", graph_meta=graph_meta)
         # Dynamo compiles a graph under the grad mode it was traced in: without gradients (an evaluation under
         # torch.no_grad()) only the forward GEMMs run, so the table has no backward rows for it.
         rows = precision_table(result.annotated, graph_id, training=torch.is_grad_enabled())

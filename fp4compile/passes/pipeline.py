@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch.fx as fx
 
@@ -76,10 +76,13 @@ def run_passes(
     phase: Phase = FP4_PHASE,
     verify: bool = False,
     cudagraphs: bool = False,
+    graph_meta: Optional[dict[str, Any]] = None,
 ) -> PassResult:
     """Run the pipeline on a copy of ``gm``; ``gm`` itself is not modified. ``cudagraphs``: the compiled
-    graphs will be replayed as CUDA graphs (the GEMM paths depend on it)."""
+    graphs will be replayed as CUDA graphs (the GEMM paths depend on it). ``graph_meta``: entries set on the
+    copy's ``meta`` before the first pass (what the backend knows of the model: `fp4compile.passes.meta`)."""
     work = copy_graph_module(gm)
+    work.meta.update(graph_meta or {})
     snapshots = [("input", work.code)]
     passes: list[tuple[str, Callable[[fx.GraphModule], fx.GraphModule]]] = [
         ("decompose_attention", decompose_attention),
