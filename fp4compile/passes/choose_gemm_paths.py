@@ -17,6 +17,8 @@ Paths (`PATHS`):
 - ``native_fp4``: FP4 tensor cores (compute capability 10.x), on the op.
 - ``reference``: the op's reference GEMM: CPU tensors, and scale formats other than E4M3.
 - ``high``: the role is not quantized.
+- ``cublas_dequant``: the op's cuBLAS GEMM on the exact operands, with its epilogue as a separate pass; only
+  where ``FP4COMPILE_GEMM_IN_GRAPH=0`` turns ``graph_mm`` off and `choose_gemm_path` picks cuBLAS.
 
 ``FP4COMPILE_GEMM_IN_GRAPH`` (`fp4compile.env`) forces ``graph_mm`` on (``1``) or off (``0``: the op, on the
 path `choose_gemm_path` picks), for A/B measurements. ``graph_mm`` needs the exact operands written by the
@@ -41,8 +43,7 @@ from .subgraphs import all_graph_modules
 
 __all__ = ["GemmPaths", "PATHS", "choose_gemm_paths", "gemm_path"]
 
-PATHS = ("graph_mm", "triton_dequant", "native_fp4", "reference", "high")
-_OP_PATHS = ("triton_dequant", "cublas_dequant", "native_fp4", "reference")
+PATHS = ("graph_mm", "triton_dequant", "native_fp4", "reference", "high", "cublas_dequant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ class GemmPaths:
             paths = GemmPaths(*(parts[r.value] for r in Role))
         except (KeyError, ValueError, TypeError):
             raise ValueError(f"malformed GEMM paths {text!r}: expected 'forward=P;input_grad=P;weight_grad=P'") from None
-        bad = [p for p in (paths.forward, paths.input_grad, paths.weight_grad) if p not in PATHS + _OP_PATHS]
+        bad = [p for p in (paths.forward, paths.input_grad, paths.weight_grad) if p not in PATHS]
         if bad:
             raise ValueError(f"unknown GEMM path(s) {bad} in {text!r}; expected some of {PATHS}")
         return paths
