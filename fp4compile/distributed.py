@@ -115,11 +115,15 @@ def model_block_stacks(model: torch.nn.Module) -> tuple[BlockStack, ...]:
                                  and sibling_classes[path.rpartition(".")[0]] == {cls})))
 
 
-def find_block_stack(model: torch.nn.Module) -> Optional[BlockStack]:
-    """The largest block stack of ``model`` (the first of the largest), or None: the stack that per-block
-    compiles and FSDP2 route calls in (`GraphRoute`)."""
-    stacks = model_block_stacks(model)
+def _largest_stack(stacks: Sequence[BlockStack]) -> Optional[BlockStack]:
+    """The first of the largest of ``stacks``, or None: the stack that per-block compiles and FSDP2 route calls
+    in (`GraphRoute`)."""
     return max(stacks, key=lambda s: s.count) if stacks else None
+
+
+def find_block_stack(model: torch.nn.Module) -> Optional[BlockStack]:
+    """The largest block stack of ``model`` (the first of the largest), or None."""
+    return _largest_stack(model_block_stacks(model))
 
 
 class ModelLayout:
@@ -135,7 +139,7 @@ class ModelLayout:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._model = weakref.ref(model)
         self.stacks = model_block_stacks(model)
-        self.stack = max(self.stacks, key=lambda s: s.count) if self.stacks else None
+        self.stack = _largest_stack(self.stacks)
         self._owners: dict[int, tuple[weakref.ref, Optional[int]]] = {}
         self._names: dict[int, tuple[weakref.ref, tuple[str, ...]]] = {}
 
