@@ -309,7 +309,12 @@ def test_fsdp_example_trains_on_cpu_like_one_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     example = os.path.join(root, "examples", "train_gpt_fsdp.py")
     common = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)]
-    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    # As a user runs it: without the interpreter setting tests/conftest.py makes for the kernel tests.
+    # Inductor compiles in-process: in one of five runs of the suite a rank aborted at exit ("terminate
+    # called without an active exception") after training; Inductor's compile workers torn down at exit
+    # are suspected, not confirmed.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
     launches = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", example,
                  "--fsdp", *common], [sys.executable, example, "--single", *common]]
     for cmd in launches:
