@@ -2,7 +2,7 @@
 fp4compile, and the NV recipe written by hand in eager PyTorch (`fp4compile.testing.eager_nvfp4`, which shares
 no code with the backend).
 
-    python examples/eager_twin_study.py --seeds 0 1 2 --steps 2000 --jobs 3    # docs/convergence.md (GPU)
+    python examples/eager_twin_study.py --seeds 0 1 2 --steps 2000 --jobs 9    # docs/convergence.md (GPU)
     python examples/eager_twin_study.py --tiny --steps 40 --seeds 0 1           # a quick CPU check
 
 The model is a nanoGPT-style byte-level GPT (6 layers, width 384, T=256, batch 64) with float32 master weights
@@ -10,7 +10,9 @@ under bfloat16 autocast on the GPU, AdamW (lr 1e-3, betas 0.9/0.99, weight decay
 to 1e-4, clipping at 1.0). Each seed fixes the initial weights, the batches and the random draws. Both FP4 runs
 quantize the same layers: every linear layer of the blocks between the first and the last (the NV recipe's
 default; the head stays high). Prints each run's validation loss, each FP4 run's relative gap to the
-high-precision run of its seed, and the mean and standard deviation of the gaps over the seeds.
+high-precision run of its seed, and the mean and standard deviation of the gaps over the seeds. The twin rounds
+gradients stochastically with exact probabilities; ``--arms ... eager_twin_sr8`` adds it with the hardware's
+8-bit stochastic rounding, the compiled recipe's (docs/numerics.md section 2.2).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from train_gpt import get_batch, load_bytes  # noqa: E402
 import fp4compile  # noqa: E402
 from fp4compile.testing.eager_nvfp4 import EagerNvfp4Config, swap_in_eager_nvfp4  # noqa: E402
 
-ARMS = ("high", "compiled", "eager_twin")
+ARMS = ("high", "compiled", "eager_twin", "eager_twin_sr8")
+TWINS = {"eager_twin": EagerNvfp4Config(), "eager_twin_sr8": EagerNvfp4Config(sr_bits=8)}
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -60,8 +63,8 @@ def build(arm: str, cfg: GPTConfig, seed: int, device: str, cudagraphs: bool):
     """``(model, the callable that trains it, fp4compile backend or None)`` for one arm."""
     torch.manual_seed(seed)
     model = GPT(cfg).to(device)
-    if arm == "eager_twin":
-        return model, swap_in_eager_nvfp4(model, fp4_layers(cfg), EagerNvfp4Config()), None
+    if arm in TWINS:
+        return model, swap_in_eager_nvfp4(model, fp4_layers(cfg), TWINS[arm]), None
     policy = fp4compile.recipes.high_precision() if arm == "high" else fp4compile.recipes.nvfp4()
     inner = "inductor" if device == "cuda" else "aot_eager"
     backend = fp4compile.backend(policy=policy, inner=inner, cudagraphs=cudagraphs)
@@ -111,15 +114,15 @@ def train(arm: str, seed: int, cfg: GPTConfig, splits, args, device: str) -> dic
     return result
 
 
-def run_seed(seed: int, args, device: str) -> list[dict]:
+def run_one(arm: str, seed: int, args, device: str) -> dict:
     cfg = model_config(args.tiny)
     data = load_bytes(args.data, limit=20_000_000)
     split = int(0.9 * len(data))
-    results = []
-    for arm in args.arms:
-        results.append(train(arm, seed, cfg, (data[:split], data[split:]), args, device))
-        torch._dynamo.reset()
-    return results
+    return train(arm, seed, cfg, (data[:split], data[split:]), args, device)
+
+
+def result_path(args, arm: str, seed: int) -> str:
+    return os.path.join(args.out, f"{arm}_seed{seed}.json")
 
 
 def summarize(results: list[dict]) -> dict:
@@ -127,7 +130,7 @@ def summarize(results: list[dict]) -> dict:
     mean and the standard deviation over the seeds."""
     high = {r["seed"]: r["val_loss"] for r in results if r["arm"] == "high"}
     summary = {}
-    for arm in ("compiled", "eager_twin"):
+    for arm in ARMS[1:]:
         gaps = [100 * (r["val_loss"] / high[r["seed"]] - 1) for r in results if r["arm"] == arm and r["seed"] in high]
         if gaps:
             summary[arm] = dict(gaps=gaps, mean=statistics.fmean(gaps),
@@ -144,8 +147,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    p.add_argument("--jobs", type=int, default=1, help="seeds trained at once, one process each (they share the GPU)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS[:3]),
+                   help="eager_twin_sr8: the twin with the hardware's 8-bit stochastic rounding (docs/numerics.md 2.2)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (they share the GPU)")
+    p.add_argument("--resume", action="store_true", help="skip the runs whose results are already in --out")
     p.add_argument("--data", default=None)
     p.add_argument("--no-cudagraphs", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/eager_twin"))
@@ -157,23 +162,25 @@ def main() -> None:
     print(f"{model_config(args.tiny)}, {args.steps} steps of {args.batch_size} sequences, seeds {args.seeds}, "
           f"device {device}", flush=True)
 
-    if args.jobs > 1 and len(args.seeds) > 1:
-        results = []
-        for first in range(0, len(args.seeds), args.jobs):
+    runs = [(arm, seed) for seed in args.seeds for arm in args.arms
+             if not (args.resume and os.path.exists(result_path(args, arm, seed)))]
+    if args.jobs > 1 and len(runs) > 1:
+        # One process per run: small models leave the GPU idle between launches, so runs overlap well.
+        for first in range(0, len(runs), args.jobs):
             procs = []
-            for seed in args.seeds[first:first + args.jobs]:
-                cmd = [sys.executable, __file__, *[a for a in sys.argv[1:]], "--seeds", str(seed), "--jobs", "1"]
-                procs.append((seed, subprocess.Popen(cmd)))
-            for seed, proc in procs:
+            for arm, seed in runs[first:first + args.jobs]:
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--seeds", str(seed), "--arms", arm, "--jobs", "1"]
+                procs.append(((arm, seed), subprocess.Popen(cmd, stdout=subprocess.DEVNULL)))
+            for run, proc in procs:
                 if proc.wait() != 0:
-                    raise RuntimeError(f"seed {seed} failed (exit {proc.returncode})")
-                with open(os.path.join(args.out, f"seed{seed}.json")) as f:
-                    results += json.load(f)["results"]
+                    raise RuntimeError(f"{run} failed (exit {proc.returncode})")
     else:
-        results = [r for seed in args.seeds for r in run_seed(seed, args, device)]
-        if len(args.seeds) == 1:
-            with open(os.path.join(args.out, f"seed{args.seeds[0]}.json"), "w") as f:
-                json.dump({"args": vars(args), "results": results}, f)
+        for arm, seed in runs:
+            with open(result_path(args, arm, seed), "w") as f:
+                json.dump(run_one(arm, seed, args, device), f)
+            torch._dynamo.reset()
+    results = [json.load(open(result_path(args, arm, seed))) for seed in args.seeds for arm in args.arms
+               if os.path.exists(result_path(args, arm, seed))]
 
     summary = summarize(results)
     with open(os.path.join(args.out, "eager_twin_study.json"), "w") as f:

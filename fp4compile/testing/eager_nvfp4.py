@@ -102,8 +102,14 @@ def quantize_dequantize(x: torch.Tensor, tile_rows: int, stochastic: bool, sr_bi
 
 
 def _gemm(a: tuple[torch.Tensor, torch.Tensor], b_t: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``(D_a D_b) (A_u @ B_u)`` for ``a = (A_u, D_a)`` and ``b_t = (B_u, D_b)``, float32."""
-    return (a[0] @ b_t[0]) * (a[1] * b_t[1])
+    """``(D_a D_b) (A_u @ B_u)`` for ``a = (A_u, D_a)`` and ``b_t = (B_u, D_b)``, float32. On CUDA the unscaled
+    operands go to the tensor cores as float16, where they are exact (at most 6 significant bits, 2^-10 to
+    2688), with FP32 accumulation."""
+    if a[0].is_cuda:
+        product = torch.mm(a[0].half(), b_t[0].half(), out_dtype=torch.float32)
+    else:
+        product = a[0] @ b_t[0]
+    return product * (a[1] * b_t[1])
 
 
 def _pad_tokens(x2: torch.Tensor) -> torch.Tensor:
@@ -116,14 +122,15 @@ class EagerNvfp4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, cfg: EagerNvfp4Config):
         x2 = x.reshape(-1, x.shape[-1])
-        w_u, w_d = quantize_dequantize(weight, 16, stochastic=False)
-        y = _gemm(quantize_dequantize(x2, 1, stochastic=False), (w_u.t(), w_d))
-        if bias is not None:
-            y = y + bias.float()
+        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):  # float32 arithmetic, as in backward
+            w_u, w_d = quantize_dequantize(weight, 16, stochastic=False)
+            y = _gemm(quantize_dequantize(x2, 1, stochastic=False), (w_u.t(), w_d))
+            if bias is not None:
+                y = y + bias.float()
         ctx.save_for_backward(x2, w_u, w_d)
         ctx.cfg, ctx.x_shape, ctx.dtypes = cfg, x.shape, (x.dtype, weight.dtype)
         ctx.has_bias = bias is not None
-        out_dtype = torch.get_autocast_dtype("cuda" if x.is_cuda else "cpu") if torch.is_autocast_enabled() else x.dtype
         return y.to(out_dtype).reshape(*x.shape[:-1], -1)
 
     @staticmethod
