@@ -105,12 +105,18 @@ def _activation_amaxes(tokens_first: torch.Tensor, row_op: Optional[OperandPreci
 def _gemm(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool, bias, out_dtype, path: str) -> torch.Tensor:
     """The GEMM of two quantizations (``fp4compile::quantize`` parts) on ``path`` (`choose_gemm_paths`):
     ``graph_mm`` as graph ops (the dense product of the exact operands plus its epilogue, which Inductor fuses
-    into the next kernel), every other path on the ``fp4compile::gemm`` op."""
-    if path == "graph_mm":
+    into the next kernel), ``triton_traced`` on the traced ``fp4compile::gemm_dense_traced`` (a TMA GEMM with the
+    epilogue fused that Inductor's code launches), every other path on the ``fp4compile::gemm`` op."""
+    if path in ("graph_mm", "triton_traced"):
         a, b = _with_exact_operand(a, precision.lhs), _with_exact_operand(b, precision.rhs)
         if _has_fp16_operand(a) and _has_fp16_operand(b):
+            if path == "triton_traced" and a[3].is_cuda:
+                k = a[3].shape[-1]
+                return torch.ops.fp4compile.gemm_dense_traced(a[3].reshape(-1, k), b[3], a[2], b[2], bias,
+                                                              b_transposed, out_dtype)
             return _dense_gemm(a, b, b_transposed, bias, out_dtype)
-    op_path = "" if path == "graph_mm" else path  # no exact operands (CPU, forced graph form): the op decides
+    # No exact operands (CPU, forced graph form): the op decides.
+    op_path = "" if path in ("graph_mm", "triton_traced") else path
     return torch.ops.fp4compile.gemm(
         *a[:3], *b[:3], bias, precision.lhs.encode(), precision.rhs.encode(), b_transposed, out_dtype,
         a[3] if len(a) > 3 else None, b[3] if len(b) > 3 else None, op_path,
