@@ -18,7 +18,9 @@ OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
 BUDGET=${BUDGET:-420}
 STAGES=${STAGES:-"info tests gemm train_d2048 train_gpt2 train_small"}
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
+# Each pair whole before the next: the plain pair (the question of these changes) first, then CUDA graphs.
+PAIRS="--modes inductor-bf16 fp4 inductor-bf16-cudagraphs fp4-cudagraphs"
 START=$(date +%s)
 : > "$OUT/stages.txt"
 
@@ -56,11 +58,11 @@ $PY -m pytest -q -x tests/test_graph_amax.py ;
 $PY -m pytest -q -x -m gpu tests/test_backend_gpu.py -k statistically ;
 $PY -m pytest -q -x -m gpu tests/test_triton_ops.py tests/test_codegen_quantize.py"
 run_stage gemm 110 $PY benchmarks/bench_gemm_shapes.py --d 2048 --tokens 8192 --rep 60
-run_stage train_d2048 200 $PY benchmarks/bench_train_step.py --models gpt-d2048 --steps 8 --warmup 3 \
+run_stage train_d2048 200 $PY benchmarks/bench_train_step.py --models gpt-d2048 --steps 8 --warmup 3 $PAIRS \
   --json "$OUT/train_d2048.json"
-run_stage train_gpt2 170 $PY benchmarks/bench_train_step.py --models gpt2-small --steps 10 --warmup 3 \
+run_stage train_gpt2 170 $PY benchmarks/bench_train_step.py --models gpt2-small --steps 10 --warmup 3 $PAIRS \
   --json "$OUT/train_gpt2.json"
-run_stage train_small 90 $PY benchmarks/bench_train_step.py --models small --steps 10 --warmup 3 \
+run_stage train_small 90 $PY benchmarks/bench_train_step.py --models small --steps 10 --warmup 3 $PAIRS \
   --json "$OUT/train_small.json"
 
 echo

@@ -8,6 +8,8 @@ compiled training step no longer calls the ``fp4compile::amax`` op for activatio
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -76,15 +78,36 @@ def test_amax_along_tokens_under_inductor_is_the_references_bits(dtype):
     assert torch.equal(got.view(torch.int32), tensor_amaxes_reference(x2.t().cpu(), True).view(torch.int32))
 
 
+def _launched_kernels(code: str) -> list[str]:
+    """Names of the Triton kernels an AOT graph launches (on CUDA the traced ``triton_op`` bodies)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    names = []
+    for idx in re.findall(r"triton_kernel_wrapper_functional\(kernel_idx = (\d+)", code):
+        kernel = kernel_side_table.get_kernel(int(idx))
+        while not callable(getattr(kernel, "__code__", None)) and hasattr(kernel, "fn"):
+            kernel = kernel.fn  # Autotuner -> JITFunction -> the Python function
+        names.append(getattr(kernel, "__name__", "?"))
+    return names
+
+
 def test_training_graphs_have_no_amax_op_for_activations():
     """The AOT forward and backward graphs of a GPT step compute every activation and gradient amax as ATen
-    reductions: no ``fp4compile::amax``/``amax_triton`` op is left (the weights' amax stays in their
-    quantization, whose producer, the optimizer, is outside the graph)."""
-    model = GPT(vocab=64, d=32, n_layer=3, n_head=2, block_size=32)  # block 1 is quantized
-    _, _, be = compiled_step(model, batch(), inner="aot_eager")
-    codes = [code for report in be.reports for code in report.aot_code.values()]
-    assert codes, "no AOT graphs recorded"
-    joined = "\n".join(codes)
-    assert "fp4compile.quantize" in joined or "fp4compile.quantize_triton" in joined
-    assert "fp4compile.amax" not in joined
+    reductions: no ``fp4compile::amax`` op (CPU) and no amax kernel for them (CUDA, where the ops are traced into
+    their kernels); the weights' amax stays in their quantization, whose producer, the optimizer, is outside the
+    graph: one reduction per weight in the forward graph, none in the backward (the input gradient reuses the
+    forward's quantized weight)."""
+    model = GPT(vocab=64, d=32, n_layer=3, n_head=2, block_size=32).to(DEVICE)  # block 1 is quantized
+    _, _, be = compiled_step(model, tuple(t.to(DEVICE) for t in batch()), inner="aot_eager")
+    codes = {label: code for report in be.reports for label, code in report.aot_code.items()}
+    assert set(codes) >= {"forward", "backward"}, sorted(codes)
+    joined = "\n".join(codes.values())
     assert "aten.amax" in joined
+    assert "fp4compile.amax" not in joined
+    if DEVICE == "cpu":
+        assert "fp4compile.quantize" in joined
+    else:
+        fp4_sites = sum(1 for r in be.rows() if r.precision != "high" and r.role == "forward")
+        assert fp4_sites == 4
+        assert _launched_kernels(codes["forward"]).count("_amax_kernel") == fp4_sites  # the weights
+        assert "_amax_kernel" not in _launched_kernels(codes["backward"])
