@@ -2,16 +2,22 @@
 
     python benchmarks/bench_train_step.py                       # GPT-2 small, the four like-for-like modes
     python benchmarks/bench_train_step.py --models small gpt2-medium llama --modes inductor-bf16 fp4
+    python benchmarks/bench_train_step.py --models gpt-d2048 --steps 10 --warmup 3   # d=2048, 16 layers
+    python benchmarks/bench_train_step.py --device cpu --models tiny --modes eager-bf16 fp4 --steps 2 --warmup 1
 
 Modes: ``eager-bf16``; ``inductor-bf16`` (torch.compile); ``fakequant-eager`` and ``fakequant-compiled`` (the
 NV recipe as plain-PyTorch fake quantization: fp4compile.testing's module swap, eager and under
 torch.compile); ``fp4`` (``backend="fp4"``, the NV recipe), ``fp4-cudagraphs`` (the same with CUDA graphs) and
-``fp4-cudagraphs-gemm-op`` (the same with every FP4 GEMM on the ``fp4compile::gemm`` op, ``MODE_ENV``). Every model has bf16 parameters and a fused AdamW.
+``fp4-cudagraphs-gemm-op`` (the same with every FP4 GEMM on the ``fp4compile::gemm`` op, ``MODE_ENV``);
+``fp4-graph-mm`` (``fp4`` with the traced TMA GEMM turned off, ``FP4COMPILE_TRACED_GEMM=0``: every FP4 GEMM on
+cuBLAS as graph ops, the plain backend's GEMMs before that path existed). Every model has bf16 parameters and a fused AdamW.
 Per mode: median step time over ``--steps`` steps after ``--warmup`` (CUDA events around each whole step),
 tokens/s, the first (compiling) step's time, the warm-up's time, and the ratio to the like-for-like BF16 mode
 (``inductor-bf16-cudagraphs`` for a mode with CUDA graphs, else ``inductor-bf16``). Memory twice: the
 allocator's peak (``max_memory_allocated``, blind to CUDA-graph pools) and the device's used memory
 (``mem_get_info``, after the timed steps, less what was used before the mode's model was built).
+``--device cpu`` (a smoke test of the script: wall-clock times, no memory figures) takes the ``tiny`` model.
+Each mode's result is appended to the JSON file as soon as it is measured, so a run cut short keeps them.
 """
 
 from __future__ import annotations
@@ -42,13 +48,17 @@ MODELS = {
     "gpt2-medium": (lambda: GPT(GPTConfig(50304, 1024, 24, 16, 1024)), 8, 1024),
     "llama": (lambda: Llama(LlamaConfig(32000, 1024, 16, 16, 2816)), 8, 1024),
     "small": (lambda: GPT(GPTConfig(256, 256, 6, 6, 384)), 64, 256),
+    # d=2048, 16 layers, 16 heads (~0.9B parameters), 8192 tokens per step: the shapes of
+    # benchmarks/bench_gemm_shapes.py's default table.
+    "gpt-d2048": (lambda: GPT(GPTConfig(50304, 2048, 16, 16, 2048)), 4, 2048),
+    "tiny": (lambda: GPT(GPTConfig(256, 64, 3, 2, 64)), 2, 64),  # for --device cpu
 }
 MODES = ("eager-bf16", "inductor-bf16", "inductor-bf16-cudagraphs", "fakequant-eager", "fakequant-compiled", "fp4",
-         "fp4-cudagraphs", "fp4-cudagraphs-gemm-op")
+         "fp4-cudagraphs", "fp4-cudagraphs-gemm-op", "fp4-graph-mm")
 #: What a run measures unless told otherwise: each fp4 mode beside its like-for-like BF16 mode.
 DEFAULT_MODES = ("inductor-bf16", "inductor-bf16-cudagraphs", "fp4", "fp4-cudagraphs")
 #: Settings a mode runs under (fp4compile.env), for A/B comparisons of the backend's choices in one run.
-MODE_ENV = {"fp4-cudagraphs-gemm-op": {"FP4COMPILE_GEMM_IN_GRAPH": "0"}}
+MODE_ENV = {"fp4-cudagraphs-gemm-op": {"FP4COMPILE_GEMM_IN_GRAPH": "0"}, "fp4-graph-mm": {"FP4COMPILE_TRACED_GEMM": "0"}}
 
 
 def _fake_quant_precisions(model: torch.nn.Module, recipe) -> dict[str, LinearPrecision]:
@@ -90,8 +100,15 @@ def run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -
 
 
 def _device_used_bytes() -> int:
+    if not torch.cuda.is_available():
+        return 0
     free, total = torch.cuda.mem_get_info()
     return total - free
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def like_for_like(mode: str) -> str:
@@ -101,7 +118,9 @@ def like_for_like(mode: str) -> str:
 
 def _run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -> dict:
     # Peak memory over the whole run, warm-up included: CUDA-graph pools are allocated while recording.
-    torch.cuda.reset_peak_memory_stats()
+    on_cuda = device == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
     used_before = _device_used_bytes()
     model, step_model, opt, batch, seq = build(model_name, mode, device)
     vocab = model.lm_head.out_features if hasattr(model, "lm_head") else model.output.out_features
@@ -116,24 +135,29 @@ def _run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) 
         opt.zero_grad(set_to_none=True)
         return loss
 
-    torch.cuda.synchronize()
+    _sync(device)
     t0 = time.perf_counter()
     loss = step(0)
-    torch.cuda.synchronize()
+    _sync(device)
     first_step_s = time.perf_counter() - t0
     for i in range(1, warmup):
         loss = step(i)
-    torch.cuda.synchronize()
+    _sync(device)
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = step(i)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    peak = torch.cuda.max_memory_allocated() / 2**30
+        if on_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step(i)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t1 = time.perf_counter()
+            loss = step(i)
+            times.append((time.perf_counter() - t1) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else 0.0
     device_gib = (_device_used_bytes() - used_before) / 2**30
     ms = statistics.median(times)
     result = dict(model=model_name, mode=mode, step_ms=ms, step_ms_min=min(times), step_ms_max=max(times),
@@ -144,9 +168,11 @@ def _run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) 
     torch._dynamo.reset()
     from torch._inductor import cudagraph_trees
 
-    cudagraph_trees.reset_cudagraph_trees()
+    if on_cuda:
+        cudagraph_trees.reset_cudagraph_trees()
     gc.collect()
-    torch.cuda.empty_cache()
+    if on_cuda:
+        torch.cuda.empty_cache()
     return result
 
 
@@ -157,23 +183,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train_step.json"))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_train_step needs a CUDA device")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_train_step needs a CUDA device (or --device cpu for a smoke test)")
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     for model_name in args.models:
         for mode in args.modes:
             steps = max(3, args.steps // 4) if mode == "fakequant-eager" else args.steps
             try:
-                r = run_mode(model_name, mode, steps, args.warmup, "cuda")
+                r = run_mode(model_name, mode, steps, args.warmup, args.device)
             except Exception as exc:  # report and go on: one failing mode must not hide the others
                 r = dict(model=model_name, mode=mode, error=f"{type(exc).__name__}: {exc}"[:300])
                 torch._dynamo.reset()
             results.append(r)
             print(json.dumps(r), flush=True)
-    print(f"\n{torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
-          f"{__import__('triton').__version__}")
+            with open(args.json, "w") as f:  # after every mode: a run cut short keeps what it measured
+                json.dump(results, f, indent=1)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"\n{name} | torch {torch.__version__} | triton {__import__('triton').__version__}")
     print(f"{'model':12s} {'mode':24s} {'step ms':>9s} {'x bf16':>7s} {'vs':>24s} {'tok/s':>10s} {'peak GiB':>9s} "
           f"{'device GiB':>10s} {'1st step s':>10s} {'x bf16':>7s}")
     base = {(r["model"], r["mode"]): r for r in results if "step_ms" in r}
@@ -187,8 +216,6 @@ def main() -> None:
         print(f"{r['model']:12s} {r['mode']:24s} {r['step_ms']:9.2f} {ratio:7.2f} {like_for_like(r['mode']):>24s} "
               f"{r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {r['device_gib']:10.2f} {r['first_step_s']:10.1f} "
               f"{first_ratio:7.2f}")
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 - ``FP4COMPILE_GEMM_IN_GRAPH=1|0``: force the dense FP4 GEMM path to be written as graph ops (matmul, alpha,
   bias; Inductor fuses the epilogue) or as the ``fp4compile::gemm`` op; unset, the backend picks per GEMM
   (`fp4compile.passes.choose_gemm_paths`).
+- ``FP4COMPILE_TRACED_GEMM=1|0``: force the traced device-TMA GEMM (path ``triton_traced``) available or not,
+  whatever `fp4compile.codegen.gemm_device_tma.traced_gemm_available` finds; unset, it decides.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-__all__ = ["dump_dir", "verify_passes", "inner_compiler", "gemm_in_graph"]
+__all__ = ["dump_dir", "verify_passes", "inner_compiler", "gemm_in_graph", "traced_gemm"]
 
 
 def dump_dir() -> Optional[str]:
@@ -28,13 +30,23 @@ def inner_compiler() -> Optional[str]:
     return os.environ.get("FP4COMPILE_INNER") or None
 
 
-def gemm_in_graph() -> Optional[bool]:
-    """``FP4COMPILE_GEMM_IN_GRAPH`` as a forced choice, or None when unset (automatic)."""
-    value = os.environ.get("FP4COMPILE_GEMM_IN_GRAPH", "").strip().lower()
+def _forced_bool(name: str) -> Optional[bool]:
+    """A ``1``/``0`` environment switch as a forced choice, or None when unset (automatic)."""
+    value = os.environ.get(name, "").strip().lower()
     if not value:
         return None
     if value in ("1", "true", "yes"):
         return True
     if value in ("0", "false", "no"):
         return False
-    raise ValueError(f"FP4COMPILE_GEMM_IN_GRAPH: expected 1 or 0 (or unset), got {value!r}")
+    raise ValueError(f"{name}: expected 1 or 0 (or unset), got {value!r}")
+
+
+def gemm_in_graph() -> Optional[bool]:
+    """``FP4COMPILE_GEMM_IN_GRAPH`` as a forced choice, or None when unset (automatic)."""
+    return _forced_bool("FP4COMPILE_GEMM_IN_GRAPH")
+
+
+def traced_gemm() -> Optional[bool]:
+    """``FP4COMPILE_TRACED_GEMM`` as a forced choice, or None when unset (automatic)."""
+    return _forced_bool("FP4COMPILE_TRACED_GEMM")

@@ -316,3 +316,73 @@ def test_dense_full_size_on_gpu(mnk, b_kn_stored):
         check_dense(c, ref)
         if config is not None and config.schedule != "dp":  # the cut schedules add partials in a fixed order
             assert torch.equal(c, cg.gemm_dense(a, b_kn, d_a, d_b, bias, torch.bfloat16, config=config))
+
+
+# --- the device-descriptor variant (path "triton_traced", fp4compile/codegen/gemm_device_tma.py) ----------------
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter runs the TMA kernels on CPU; the GPU tests below")
+@pytest.mark.parametrize("config", [c for c in _DENSE_INTERP_CONFIGS if c.schedule == "dp"], ids=lambda c: c.name())
+@pytest.mark.parametrize("b_kn_stored", [False, True], ids=["B(N,K)", "B(K,N)"])
+@pytest.mark.parametrize("mnk,progs", [((48, 80, 64), 4), ((100, 72, 96), 5)])
+def test_device_descriptor_kernel_is_the_host_kernels_bits(config, b_kn_stored, mnk, progs):
+    """Same program, descriptors made in the kernel: the FP32-accumulation bound, and the host-descriptor
+    kernel's bits (same tiles, same k order)."""
+    from fp4compile.codegen.gemm_device_tma import gemm_dense_device
+
+    a, b_kn, d_a, d_b, bias = _dense_case(*mnk, b_kn_stored)
+    for out_dtype, with_bias in ((torch.float32, True), (torch.float16, False)):
+        bias_arg = bias if with_bias else None
+        c = gemm_dense_device(a, b_kn, d_a, d_b, bias_arg, out_dtype, config=config, num_progs=progs)
+        assert c.dtype == out_dtype and c.shape == (mnk[0], mnk[1])
+        check_dense(c, dense_reference(a, b_kn, d_a, d_b, bias_arg))
+        host = cg.gemm_dense(a, b_kn, d_a, d_b, bias_arg, out_dtype, config=config, _force_tma=True,
+                             _num_progs=progs)
+        assert torch.equal(c, host)
+
+
+def test_device_config_is_data_parallel():
+    from fp4compile.codegen.gemm_device_tma import device_config
+
+    cfg = device_config(3072, 768, 8192, False, torch.bfloat16, 132)  # a "headtail" shape in the table
+    assert cfg.schedule == "dp" and cfg.split_k == 0
+    assert device_config(8192, 2304, 768, False, torch.bfloat16, 132) == cg.DENSE_CONFIG_TABLE[(8192, 2304, 768, False)]
+    # a 4-byte output: 128x256 tiles store in halves with at most 3 stages (shared memory)
+    fitted = device_config(8192, 3072, 768, False, torch.float32, 132)
+    assert fitted.epi_split and fitted.num_stages <= 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mnk,b_transposed", [((8192, 2304, 768), False), ((8192, 768, 3072), True),
+                                              ((1000, 776, 520), False)])
+def test_traced_gemm_op_under_inductor_is_the_eager_kernels_bits(mnk, b_transposed):
+    """``fp4compile::gemm_dense_traced`` compiled by Inductor (its code launches the kernel; descriptors made on
+    the device, scratch from the allocator) gives the bits of the host-descriptor kernel with the same
+    configuration, forward and in a backward (autograd's thread, where the allocator ContextVar is unset)."""
+    import fp4compile.ops.triton_ops  # noqa: F401  (registers the op)
+    from fp4compile.codegen.gemm_device_tma import device_config
+
+    m, n, k = mnk
+    a, b_kn, d_a, d_b, bias = _dense_case(m, n, k, b_transposed)
+    b16 = b_kn if b_transposed else b_kn.t()
+    bias = bias.to(torch.bfloat16)
+    cfg = device_config(m, n, k, b_transposed, torch.bfloat16, torch.cuda.get_device_properties(0).multi_processor_count)
+    eager = cg.gemm_dense(a, b_kn, d_a, d_b, bias, torch.bfloat16, config=cfg)
+    check_dense(eager, dense_reference(a, b_kn, d_a, d_b, bias))
+    fn = torch.compile(lambda a_, b_: torch.ops.fp4compile.gemm_dense_traced(a_, b_, d_a, d_b, bias, b_transposed,
+                                                                              torch.bfloat16), backend="inductor")
+    assert torch.equal(fn(a, b16), eager)
+
+    # In a backward: the compiled backward graph runs on autograd's engine thread.
+    class AddGemmInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g + torch.ops.fp4compile.gemm_dense_traced(a, b16, d_a, d_b, bias, b_transposed,
+                                                              torch.bfloat16).float()
+
+    x = torch.zeros(m, n, device="cuda", requires_grad=True)
+    torch.compile(lambda t: AddGemmInBackward.apply(t).sum(), backend="inductor")(x).backward()
+    assert torch.equal(x.grad, 1 + eager.float())

@@ -113,10 +113,18 @@ def test_gemm_path_rule(monkeypatch):
     monkeypatch.setattr(cg, "_sm90_or_newer", lambda index: True)
     monkeypatch.setattr(cg, "native_fp4_available", lambda index=0: False)
     assert gemm_path(MX, Role.FORWARD, (8192, 768, 768), cuda, False) == "reference"  # UE8M0 scales
-    # Without CUDA graphs every GEMM is written as graph ops (no Python per call); with them the forward and
-    # input-gradient shapes take the fused-epilogue TMA GEMM, the weight gradient (K = tokens) stays on cuBLAS.
+    # Without CUDA graphs the forward and input-gradient shapes take the traced device-TMA GEMM where it can run,
+    # else graph ops (no Python per call either way); with CUDA graphs the host-TMA GEMM on the op. The weight
+    # gradient (K = tokens) stays on cuBLAS.
+    monkeypatch.setenv("FP4COMPILE_TRACED_GEMM", "1")
+    assert gemm_path(NV, Role.FORWARD, (8192, 2304, 768), cuda, False) == "triton_traced"
+    assert gemm_path(NV, Role.INPUT_GRAD, (8192, 768, 2304), cuda, False) == "triton_traced"
+    assert gemm_path(NV, Role.WEIGHT_GRAD, (2304, 768, 8192), cuda, False) == "graph_mm"
+    assert gemm_path(NV, Role.FORWARD, (8192, 2300, 768), cuda, False) == "graph_mm"  # rows not 16-byte units
+    monkeypatch.setenv("FP4COMPILE_TRACED_GEMM", "0")
     for shape in ((8192, 2304, 768), (8192, 768, 2304), (2304, 768, 8192)):
         assert gemm_path(NV, Role.FORWARD, shape, cuda, False) == "graph_mm"
+    monkeypatch.delenv("FP4COMPILE_TRACED_GEMM")
     assert gemm_path(NV, Role.FORWARD, (8192, 2304, 768), cuda, True) == "triton_dequant"
     assert gemm_path(NV, Role.INPUT_GRAD, (8192, 768, 2304), cuda, True) == "triton_dequant"
     assert gemm_path(NV, Role.WEIGHT_GRAD, (2304, 768, 8192), cuda, True) == "graph_mm"
@@ -141,7 +149,8 @@ def test_table_and_fp4_linear_carry_the_paths():
     _, _, be = compiled_step(GPT(n_layer=3), batch(), inner="aot_eager")
     rows = be.rows()
     quantized = [r for r in rows if r.precision != "high"]
-    assert quantized and all(r.gemm_path == ("reference" if DEVICE == "cpu" else "graph_mm") for r in quantized)
+    on_cuda = ("graph_mm", "triton_traced")  # the traced TMA GEMM where it can run (forward, input gradient)
+    assert quantized and all(r.gemm_path in (("reference",) if DEVICE == "cpu" else on_cuda) for r in quantized)
     assert all(r.gemm_path == "high" for r in rows if r.precision == "high")
     code = dict(be.reports[0].pass_code)["rewrite_gemms"]
     assert "forward=reference;input_grad=reference;weight_grad=reference" in code or DEVICE != "cpu"

@@ -24,12 +24,12 @@ import torch.fx as fx
 
 from .. import env
 from ..distributed import GraphRoute, ModelLayout, model_layout, route_graph, split_warning, unplaced_warning
-from ..inspect.table import TableRow, precision_table, rows_to_json, rows_to_markdown
 from ..passes.annotate_layers import PLACEMENT, BlockPlacement
 from ..passes.meta import MODEL_STACKS, PARAMETER_NAMES
 from ..passes.pipeline import run_passes
 from ..policy.recipe import Policy, unmatched_patterns
 from ..policy.schedule import FP4_PHASE, Phase, PhaseSource, StepCounter
+from .table import TableRow, precision_table, rows_to_json, rows_to_markdown
 from .inner import INNER_COMPILERS, compile_inner
 
 __all__ = ["Fp4Backend", "CompileReport", "backend", "fp4_backend"]
@@ -195,11 +195,9 @@ class Fp4Backend:
             report.aot_code[label] = graph.code
 
         if self.dump_dir:
-            from ..inspect.dump import dump_folder
-
             # Before the graph is traced: on CUDA a traced quantization calls no Python, so it reports to the
             # numerics observer only if one is installed when AOTAutograd traces it (fp4compile/ops/triton_ops.py).
-            dump_folder(self)
+            DUMP_HOOKS.folder(self)
         compiled = compile_inner(result.graph_module, example_inputs, self.inner, record, self.cudagraphs)
         if self.dump_dir:
             self._write_dump()
@@ -228,9 +226,7 @@ class Fp4Backend:
                            pattern, len({row.module for row in rows}), nearest or "none", hint)
 
     def _write_dump(self) -> None:
-        from ..inspect.dump import dump_folder, on_backend_dump
-
-        out = dump_folder(self)  # dump_dir, or a subfolder of it when another backend writes there too
+        out = DUMP_HOOKS.folder(self)  # dump_dir, or a subfolder of it when another backend writes there too
         os.makedirs(out, exist_ok=True)
         rows = self.rows()
         with open(os.path.join(out, "precision_table.json"), "w") as f:
@@ -248,7 +244,30 @@ class Fp4Backend:
                     f.write(code)
             with open(os.path.join(folder, "precision_table.json"), "w") as f:
                 f.write(json.dumps([r.to_dict() for r in report.rows], indent=1))
-        on_backend_dump(self)  # report.html and numerics; see fp4compile/inspect/dump.py
+        DUMP_HOOKS.after_write(self)  # report.html and numerics, where fp4compile.inspect.dump registered them
+
+
+@dataclasses.dataclass
+class DumpHooks:
+    """What the inspect layer adds to a backend's dump, registered by `fp4compile.inspect.dump` when it is imported
+    (``import fp4compile`` imports it): capture calls inspect only through these, so imports go one way,
+    numerics -> policy -> passes -> ops/codegen -> capture -> inspect (tests/test_layering.py).
+
+    ``folder(backend)``: the folder `Fp4Backend._write_dump` writes (default: its ``dump_dir``), asked also before
+    the graph is traced so that the numerics observer is in place; ``after_write(backend)``: called after the
+    tables and code are written (default: nothing)."""
+
+    folder: Callable[["Fp4Backend"], str] = lambda backend: backend.dump_dir
+    after_write: Callable[["Fp4Backend"], None] = lambda backend: None
+
+
+#: The hooks in force (`set_dump_hooks`).
+DUMP_HOOKS = DumpHooks()
+
+
+def set_dump_hooks(folder: Callable[["Fp4Backend"], str], after_write: Callable[["Fp4Backend"], None]) -> None:
+    """Install the inspect layer's dump hooks (`DumpHooks`)."""
+    DUMP_HOOKS.folder, DUMP_HOOKS.after_write = folder, after_write
 
 
 # The backend's registry: one instance per configuration, so repeated compiles share their reports.

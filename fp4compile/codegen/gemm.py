@@ -389,7 +389,11 @@ def _dense_tma_kernel(
     FLATTEN: tl.constexpr, EPI_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C[M, N] = (D_a * D_b) * (A @ B) (+ bias), A and B exact fp16 operands read by TMA, FP32 accumulator.
+    """The dense GEMM on TMA descriptors: launched with host-side descriptors (`_launch_dense_tma`, the eager
+    ``fp4compile::gemm`` op), and called as a function by `fp4compile.codegen.gemm_device_tma`'s kernel with
+    descriptors made on the device: the same tiles and k order, so both give the same bits.
+
+    C[M, N] = (D_a * D_b) * (A @ B) (+ bias), A and B exact fp16 operands read by TMA, FP32 accumulator.
 
     SCHEDULE 0 "dp": tiles [0, num_tiles) whole. 1 "split": tiles [0, DP_TILES) whole, the others in SPLIT_K
     k-chunks. 2 "headtail": k-steps [0, K_HEAD) of tile t on program NUM_PROGS - num_tiles + t, the rest of the

@@ -674,8 +674,12 @@ def quantize_triton(
     deq = (torch.empty((rows, k), dtype=dequantized_dtype, device=device) if dequantized_dtype is not None
            else torch.empty(1, dtype=torch.float16, device=device))
     if rows and k:
-        amax_bits = (_amax_bits(x2, rows, k, hadamard) if amax is None
-                     else amax.reshape(1).to(torch.float32).view(torch.int32))
+        if amax is not None:
+            amax_bits = amax.reshape(1).to(torch.float32).view(torch.int32)
+        elif fmt.tensor_scale:
+            amax_bits = _amax_bits(x2, rows, k, hadamard)
+        else:  # no tensor scale (MXFP4): the kernel reads no amax, so no reduction is launched for one
+            amax_bits = torch.zeros(1, dtype=torch.int32, device=device)
         stochastic = rounding is Rounding.STOCHASTIC
         seed_from_ptr = isinstance(seed, torch.Tensor) and seed.device == device
         seed_arg = seed.reshape(1).to(torch.int64) if seed_from_ptr else _int_arg(seed)

@@ -41,7 +41,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..capture.compiler import Fp4Backend
+from ..capture.compiler import Fp4Backend, set_dump_hooks
 from ..ops.observe import observe_quantization, set_process_observer
 from ..passes.pipeline import run_passes
 from ..policy.recipe import Policy
@@ -323,3 +323,8 @@ def on_backend_dump(backend: Fp4Backend) -> None:
         write_report(env_dump.folder_of(backend))
     except Exception:
         logger.exception("fp4compile dump: could not extend the dump in %s", backend.dump_dir)
+
+
+# The backend writes its dump through these (fp4compile.capture.compiler.DumpHooks): capture imports nothing
+# from inspect.
+set_dump_hooks(folder=dump_folder, after_write=on_backend_dump)

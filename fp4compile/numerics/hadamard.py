@@ -21,13 +21,15 @@ HADAMARD_SIZE = 16
 RHT_SIGNS: tuple[int, ...] = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 
 
-def _butterflies(v: torch.Tensor) -> torch.Tensor:
-    """Unnormalised Sylvester-Hadamard product of each 16-run of float32 ``v`` (shape ``(..., 16)``)."""
-    lead = v.shape[:-1]
+def _butterflies(v: torch.Tensor, trailing: int = 0) -> torch.Tensor:
+    """Unnormalised Sylvester-Hadamard product of each 16-run of float32 ``v`` (shape ``(..., 16, *rest)``, the
+    run axis followed by ``trailing`` axes ``rest``)."""
+    axis = v.dim() - 1 - trailing
+    lead, rest = v.shape[:axis], v.shape[axis + 1:]
     for h in (1, 2, 4, 8):
-        pairs = v.reshape(*lead, HADAMARD_SIZE // (2 * h), 2, h)
-        a, b = pairs[..., 0, :], pairs[..., 1, :]
-        v = torch.stack((a + b, a - b), dim=-2).reshape(*lead, HADAMARD_SIZE)
+        pairs = v.reshape(*lead, HADAMARD_SIZE // (2 * h), 2, h, *rest)
+        a, b = pairs.select(axis + 1, 0), pairs.select(axis + 1, 1)
+        v = torch.stack((a + b, a - b), dim=axis + 1).reshape(*lead, HADAMARD_SIZE, *rest)
     return v
 
 
@@ -41,22 +43,25 @@ def _signs(device: torch.device) -> torch.Tensor:
     return (1 - 2 * bits).to(torch.float32)
 
 
-def random_hadamard_transform(x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Apply ``M = (H16 / 4) diag(s)`` (or its inverse ``M^T``) to every run of 16 along the last axis.
+def random_hadamard_transform(x: torch.Tensor, inverse: bool = False, dim: int = -1) -> torch.Tensor:
+    """Apply ``M = (H16 / 4) diag(s)`` (or its inverse ``M^T``) to every run of 16 along axis ``dim`` (the last
+    by default; ``dim=0`` of a ``(tokens, features)`` matrix transforms its transpose's rows without a copy).
 
-    ``x`` is float32 with a last axis divisible by 16; the result is float32 of the same shape.
+    ``x`` is float32 with axis ``dim`` divisible by 16; the result is float32 of the same shape.
     """
-    if x.shape[-1] % HADAMARD_SIZE:
+    dim = dim % x.dim() if x.dim() else 0
+    if x.shape[dim] % HADAMARD_SIZE:
         raise ValueError(
-            f"random_hadamard_transform: the last axis of x (shape {tuple(x.shape)}) must be divisible by "
-            f"{HADAMARD_SIZE}, got {x.shape[-1]}"
+            f"random_hadamard_transform: axis {dim} of x (shape {tuple(x.shape)}) must be divisible by "
+            f"{HADAMARD_SIZE}, got {x.shape[dim]}"
         )
-    signs = _signs(x.device)
-    runs = x.reshape(*x.shape[:-1], x.shape[-1] // HADAMARD_SIZE, HADAMARD_SIZE)
+    trailing = x.dim() - 1 - dim
+    signs = _signs(x.device).reshape(HADAMARD_SIZE, *([1] * trailing))
+    runs = x.reshape(*x.shape[:dim], x.shape[dim] // HADAMARD_SIZE, HADAMARD_SIZE, *x.shape[dim + 1:])
     if inverse:
-        out = _butterflies(runs) * 0.25 * signs
+        out = _butterflies(runs, trailing) * 0.25 * signs
     else:
-        out = _butterflies(runs * signs) * 0.25
+        out = _butterflies(runs * signs, trailing) * 0.25
     return out.reshape(x.shape)
 
 

@@ -22,7 +22,7 @@ from .rounding import (
     round_to_scale_format,
 )
 
-__all__ = ["quantize_reference", "tensor_amaxes_reference", "tensor_encode_scale"]
+__all__ = ["quantize_reference", "tensor_amaxes_reference", "tensor_amax_along", "tensor_encode_scale"]
 
 
 def tensor_encode_scale(amax: torch.Tensor, fmt: Fp4Format) -> torch.Tensor:
@@ -62,6 +62,22 @@ def tensor_amaxes_reference(x: torch.Tensor, hadamard: bool = True) -> torch.Ten
     plain = _amax(xf)
     transformed = _amax(random_hadamard_transform(xf)) if hadamard and xf.numel() else plain
     return torch.stack([transformed, plain])
+
+
+def tensor_amax_along(x: torch.Tensor, hadamard: bool, dim: int = -1) -> torch.Tensor:
+    """The tensor amax (docs/numerics.md section 2 step 1) of ``x`` quantized along axis ``dim``: ``max |x|``, or
+    after the 16-point RHT along ``dim`` (section 3.3) where ``hadamard``; float32 0-dim.
+
+    ``tensor_amax_along(x2, h, dim=0)`` of a ``(tokens, features)`` matrix is ``tensor_amaxes_reference(x2.t(),
+    h)[0]`` bit for bit (the same runs, signs, butterflies and order) read in x2's own layout. Plain ATen ops:
+    traced into a graph, Inductor fuses the reduction with the kernel that produced ``x`` (the maximum needs
+    no rounding, the butterflies are adds in a fixed order and the products by the signs and 1/4 are exact,
+    so no fusion or FMA contraction can change a bit).
+    """
+    xf = x.to(torch.float32)
+    if hadamard and xf.numel():
+        xf = random_hadamard_transform(xf, dim=dim)
+    return _amax(xf)
 
 
 def quantize_reference(

@@ -16,9 +16,10 @@ device, so a run is reproducible from ``torch.manual_seed`` and resumable from t
 Token counts not divisible by the weight-gradient block are zero-padded: zero rows add nothing to
 ``dy^T x`` and leave every amax unchanged.
 
-Every choice is made when the graph is traced, none per call: on CUDA the quantizations, amaxes and the
-dequantization of the saved x^T are the traceable ``fp4compile::*_triton`` ops (`fp4compile.ops.triton_ops`),
-whose kernels Inductor's generated code launches; each GEMM runs on the path the `choose_gemm_paths` pass
+Every choice is made when the graph is traced, none per call: the activations' and gradients' tensor amaxes are
+plain graph ops (`_activation_amaxes`: Inductor fuses them with the kernels that produce those tensors); on
+CUDA the quantizations and the dequantization of the saved x^T are the traceable ``fp4compile::*_triton`` ops
+(`fp4compile.ops.triton_ops`), whose kernels Inductor's generated code launches; each GEMM runs on the path the `choose_gemm_paths` pass
 wrote (`fp4compile.passes.choose_gemm_paths`): ``graph_mm`` as graph ops, the others on ``fp4compile::gemm``.
 """
 
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from ..policy.precision import GemmPrecision, LinearPrecision, OperandPrecision
 from ..numerics.formats import Rounding
 from ..numerics.hadamard import HADAMARD_SIZE
+from ..numerics.reference import tensor_amax_along
 from . import library  # noqa: F401  (registers torch.ops.fp4compile.*)
 from .triton_ops import uses_triton_ops
 
@@ -63,41 +65,58 @@ def _fold_rank(key: torch.Tensor) -> torch.Tensor:
 def _quantize(x: torch.Tensor, op: OperandPrecision, label: str, with_dequantized: bool = False,
               amax: Optional[torch.Tensor] = None) -> tuple:
     """(codes, scales, tensor scale, exact operand or empty): the operand is written in the same kernel pass
-    when the GEMM will consume it (no separate dequantization launch). ``amax``: from `_shared_amaxes`."""
+    when the GEMM will consume it (no separate dequantization launch). ``amax``: from `_activation_amaxes` (None: the
+    quantization computes its own, the weights' case)."""
     seed = _seed_for(op, x.device)
     if uses_triton_ops(x, op):
         return torch.ops.fp4compile.quantize_triton(x, op.encode(), seed, with_dequantized, amax)
     return torch.ops.fp4compile.quantize(x, op.encode(), seed, label, with_dequantized, amax)
 
 
-def _shared_amaxes(tokens_last: torch.Tensor, row_op: OperandPrecision,
-                   col_op: OperandPrecision) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The tensor amaxes of an activation's two quantizations from one read of ``tokens_last`` (its
-    ``(features, tokens)`` view, tokens zero-padded): ``(amax for row_op``, along features, ``amax for col_op``,
-    the weight-gradient operand along tokens, after the RHT where it has one). Zero padding leaves both maxima
-    unchanged.
+def _activation_amaxes(tokens_first: torch.Tensor, row_op: Optional[OperandPrecision],
+                       col_op: Optional[OperandPrecision]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The tensor amaxes of an activation's (or gradient's) quantizations, written as plain ATen ops into the
+    traced graph: ``(amax for row_op``, quantized along features, ``amax for col_op``, quantized along tokens,
+    after the RHT where it has one). ``tokens_first`` is the ``(tokens, features)`` matrix, tokens zero-padded
+    for ``col_op`` (zeros change no maximum). None for a role that is not quantized or has no tensor scale.
 
-    ``(None, None)`` (each quantization then takes its own amax) when the row-wise operand has a transform of its
-    own.
+    The amax is exact (a maximum needs no rounding; the RHT before it is exact sign flips, adds in the fixed
+    order of docs/numerics.md section 3.3 and an exact * 1/4: `tensor_amax_along`), so as graph ops it gives
+    the reference's bits, and Inductor fuses the reduction into or next to the kernel that just wrote the
+    activation (the norm, the GELU, the residual add) instead of a separate kernel reading it again. The
+    quantizations, which divide, stay in the quantize kernels (docs/backend.md: Inductor's division is not
+    correctly rounded).
     """
-    if row_op.hadamard:
-        return None, None
-    from ..codegen import runs_on_triton
+    def needs(op: Optional[OperandPrecision]) -> bool:
+        return op is not None and op.format.tensor_scale
 
-    amax_op = torch.ops.fp4compile.amax_triton if runs_on_triton(tokens_last) else torch.ops.fp4compile.amax
-    amaxes = amax_op(tokens_last, col_op.hadamard)
-    return amaxes[1], amaxes[0]
+    plain = None
+    if (needs(row_op) and not row_op.hadamard) or (needs(col_op) and not col_op.hadamard):
+        plain = tensor_amax_along(tokens_first, False)
+
+    def amax(op: Optional[OperandPrecision], dim: int) -> Optional[torch.Tensor]:
+        if not needs(op):
+            return None
+        return tensor_amax_along(tokens_first, True, dim) if op.hadamard else plain
+
+    return amax(row_op, -1), amax(col_op, 0)
 
 
 def _gemm(a: tuple, b: tuple, precision: GemmPrecision, b_transposed: bool, bias, out_dtype, path: str) -> torch.Tensor:
     """The GEMM of two quantizations (``fp4compile::quantize`` parts) on ``path`` (`choose_gemm_paths`):
     ``graph_mm`` as graph ops (the dense product of the exact operands plus its epilogue, which Inductor fuses
-    into the next kernel), every other path on the ``fp4compile::gemm`` op."""
-    if path == "graph_mm":
+    into the next kernel), ``triton_traced`` on the traced ``fp4compile::gemm_dense_traced`` (a TMA GEMM with the
+    epilogue fused that Inductor's code launches), every other path on the ``fp4compile::gemm`` op."""
+    if path in ("graph_mm", "triton_traced"):
         a, b = _with_exact_operand(a, precision.lhs), _with_exact_operand(b, precision.rhs)
         if _has_fp16_operand(a) and _has_fp16_operand(b):
+            if path == "triton_traced" and a[3].is_cuda:
+                k = a[3].shape[-1]
+                return torch.ops.fp4compile.gemm_dense_traced(a[3].reshape(-1, k), b[3], a[2], b[2], bias,
+                                                              b_transposed, out_dtype)
             return _dense_gemm(a, b, b_transposed, bias, out_dtype)
-    op_path = "" if path == "graph_mm" else path  # no exact operands (CPU, forced graph form): the op decides
+    # No exact operands (CPU, forced graph form): the op decides.
+    op_path = "" if path in ("graph_mm", "triton_traced") else path
     return torch.ops.fp4compile.gemm(
         *a[:3], *b[:3], bias, precision.lhs.encode(), precision.rhs.encode(), b_transposed, out_dtype,
         a[3] if len(a) > 3 else None, b[3] if len(b) > 3 else None, op_path,
@@ -180,9 +199,8 @@ class Fp4LinearFunction(torch.autograd.Function):
         fwd, wgrad = cfg.forward, cfg.weight_grad
         # x^T, the weight-gradient operand: (features, tokens), tokens zero-padded to the block multiple.
         x_t = None if wgrad.is_high else pad_token_rows(x2, token_multiple(wgrad)).t()
-        x_amax = xt_amax = None
-        if not fwd.is_high and x_t is not None:
-            x_amax, xt_amax = _shared_amaxes(x_t, fwd.lhs, wgrad.rhs)
+        x_amax, xt_amax = _activation_amaxes(x2 if x_t is None else x_t.t(), None if fwd.is_high else fwd.lhs,
+                                             None if wgrad.is_high else wgrad.rhs)
         q_weight = None
         if fwd.is_high:
             y = F.linear(x2, weight, bias).to(out_dtype)
@@ -219,9 +237,9 @@ class Fp4LinearFunction(torch.autograd.Function):
         dgrad, wgrad = cfg.input_grad, cfg.weight_grad
         need_dw = ctx.needs_input_grad[1] and not wgrad.is_high
         dy_t = pad_token_rows(dy2, token_multiple(wgrad)).t() if need_dw else None
-        dy_amax = dyt_amax = None
-        if ctx.needs_input_grad[0] and not dgrad.is_high and need_dw:
-            dy_amax, dyt_amax = _shared_amaxes(dy_t, dgrad.lhs, wgrad.lhs)
+        dy_amax, dyt_amax = _activation_amaxes(
+            dy2 if dy_t is None else dy_t.t(), dgrad.lhs if ctx.needs_input_grad[0] and not dgrad.is_high else None,
+            wgrad.lhs if need_dw else None)
 
         if ctx.needs_input_grad[0]:
             if dgrad.is_high:
@@ -269,6 +287,7 @@ def fp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     lhs = OperandPrecision(fwd.lhs.format, fwd.lhs.block, Rounding.NEAREST, fwd.lhs.hadamard)
     rhs = OperandPrecision(fwd.rhs.format, fwd.rhs.block, Rounding.NEAREST, fwd.rhs.hadamard)
     x2 = x.reshape(-1, x.shape[-1])
-    q_x, q_w = _quantize(x2, lhs, f"{site}:forward:lhs"), _quantize(weight, rhs, f"{site}:forward:rhs")
+    x_amax, _ = _activation_amaxes(x2, lhs, None)
+    q_x, q_w = _quantize(x2, lhs, f"{site}:forward:lhs", amax=x_amax), _quantize(weight, rhs, f"{site}:forward:rhs")
     y = _gemm(q_x, q_w, GemmPrecision(lhs, rhs), False, bias, out_dtype, paths.forward)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -37,12 +37,12 @@ from ..policy.precision import OperandPrecision
 from .library import _scale_bytes, dequantized_dtype
 from .observe import current_observer
 
-__all__ = ["quantize_traced", "tensor_amaxes_traced", "dequantize_traced", "uses_triton_ops"]
+__all__ = ["quantize_traced", "tensor_amaxes_traced", "dequantize_traced", "gemm_dense_traced", "uses_triton_ops"]
 
 logger = logging.getLogger(__name__)
 
 #: The kernels whose access analysis is memoized (`_memoize_access_analysis`): defined in this package only.
-_OWN_KERNEL_MODULES = ("fp4compile.codegen.quantize", "fp4compile.codegen.gemm")
+_OWN_KERNEL_MODULES = ("fp4compile.codegen.quantize", "fp4compile.codegen.gemm", "fp4compile.codegen.gemm_device_tma")
 #: torch's per-launch analysis, by the name it has in the versions fp4compile supports.
 _ANALYSIS_NAMES = ("identify_accessed_tensors", "identify_mutated_tensors")
 
@@ -179,3 +179,16 @@ def dequantize_traced(qdata: torch.Tensor, scale: torch.Tensor, tensor_scale: to
 
     op = OperandPrecision.decode(operand)
     return dequantize_unscaled_triton(to_quantized_tensor(qdata, scale, tensor_scale, operand), dequantized_dtype(op))
+
+
+@triton_op("fp4compile::gemm_dense_traced", mutates_args=())
+def gemm_dense_traced(a16: torch.Tensor, b16: torch.Tensor, d_a: torch.Tensor, d_b: torch.Tensor,
+                      bias: Optional[torch.Tensor], b_transposed: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The ``triton_traced`` GEMM path, for CUDA tensors: ``(D_a * D_b) * (A_u @ B_u^T) (+ bias)`` in ``out_dtype``
+    from the exact fp16 operands, ``a16`` (M, K) and ``b16`` stored (N, K) (or (K, N) when ``b_transposed``), as
+    `fp4compile.codegen.gemm_device_tma.gemm_dense_device` (device-side TMA descriptors, so the launch traces into
+    the graph and Inductor's code launches it: no Python per call, with or without CUDA graphs)."""
+    from ..codegen.gemm_device_tma import gemm_dense_device
+
+    b_kn = b16 if b_transposed else b16.t()
+    return gemm_dense_device(a16, b_kn, d_a, d_b, bias, out_dtype)

@@ -14,6 +14,11 @@ Paths (`PATHS`):
   (``wrap_triton`` takes no host TMA descriptors outside Dynamo in torch 2.11-2.13), so the op costs Python per
   call; it is chosen only where CUDA graphs replay the step (no host cost) and `choose_gemm_path` picks it for
   the shape (K no longer than both output sides: forward and input-gradient GEMMs).
+- ``triton_traced``: the same TMA GEMM with its descriptors made on the device
+  (`fp4compile.codegen.gemm_device_tma`), as the ``triton_op`` ``fp4compile::gemm_dense_traced``: traced into the
+  graph, launched by Inductor's code, so it costs no Python per call and is taken without CUDA graphs, for the
+  shapes `choose_gemm_path` gives ``triton_dequant``, where `traced_gemm_available` says the running torch and
+  Triton can launch it (``FP4COMPILE_TRACED_GEMM`` forces it on or off).
 - ``native_fp4``: FP4 tensor cores (compute capability 10.x), on the op.
 - ``reference``: the op's reference GEMM: CPU tensors, and scale formats other than E4M3.
 - ``high``: the role is not quantized.
@@ -43,7 +48,7 @@ from .subgraphs import all_graph_modules
 
 __all__ = ["GemmPaths", "PATHS", "choose_gemm_paths", "gemm_path"]
 
-PATHS = ("graph_mm", "triton_dequant", "native_fp4", "reference", "high", "cublas_dequant")
+PATHS = ("graph_mm", "triton_dequant", "triton_traced", "native_fp4", "reference", "high", "cublas_dequant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +108,16 @@ def gemm_path(precision: GemmPrecision, role: Role, shape: tuple[Optional[int], 
     if forced is not None:
         m, n, k = (v if v is not None else 8192 for v in shape)
         return "graph_mm" if forced else choose_gemm_path(m, n, k, precision.lhs.format, device)
-    if cudagraphs and None not in shape and choose_gemm_path(*shape, precision.lhs.format, device) == "triton_dequant":
+    if None in shape or choose_gemm_path(*shape, precision.lhs.format, device) != "triton_dequant":
+        return "graph_mm"
+    if cudagraphs:
         return "triton_dequant"
+    from ..codegen.gemm_device_tma import traced_gemm_available
+
+    m, n, k = shape
+    # Device descriptors need 16-byte rows: K and N whole multiples of 8 fp16 (and of 8 bf16 outputs).
+    if traced_gemm_available(device) and n % 8 == 0 and k % 8 == 0:
+        return "triton_traced"
     return "graph_mm"
 
 
