@@ -68,7 +68,12 @@ def _expert_label(site: str, e: int) -> str:
     return f"{site}[{e}]"
 
 
-@torch.library.custom_op("fp4compile::expert_linear", mutates_args=())
+#: The ops read the group sizes on the host, which a CUDA-graph capture forbids: Inductor leaves such ops out
+#: of its CUDA graphs (the steps around them are still captured, with graph partitioning) or skips the graph.
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("fp4compile::expert_linear", mutates_args=(), tags=_TAGS)
 def _expert_linear(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, precision: str,
                    out_dtype: torch.dtype, site: str = "", gemm_paths: str = "") -> torch.Tensor:
     """The forward GEMM of every expert (see the module docstring)."""
@@ -88,7 +93,7 @@ def _expert_linear_fake(x, weight, expert_ids, precision, out_dtype, site="", ge
     return x.new_empty((x.shape[0], weight.shape[1]), dtype=out_dtype)
 
 
-@torch.library.custom_op("fp4compile::expert_linear_backward", mutates_args=())
+@torch.library.custom_op("fp4compile::expert_linear_backward", mutates_args=(), tags=_TAGS)
 def _expert_linear_backward(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, dy: torch.Tensor,
                             precision: str, site: str, gemm_paths: str, need_dx: bool,
                             need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
