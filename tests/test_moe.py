@@ -150,9 +150,12 @@ def _check_moe_structure(rows, layers, stack, experts_weights, router, heads=("l
         assert rows[head].precision == "high" and "output head" in rows[head].reason
 
 
-@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "grouped_mm-bf16", "batched_mm"])
 def test_mixtral_experts_are_fp4_sites_per_stacked_weight(implementation):
-    model = _mixtral(implementation)
+    """In float32 transformers runs grouped_mm as its own fallback op, in bfloat16 as torch._grouped_mm."""
+    model = _mixtral(implementation.removesuffix("-bf16"))
+    if implementation.endswith("-bf16"):
+        model = model.to(torch.bfloat16)
     be = _train(model, input_ids=_ids(), labels=_ids())
     rows = _forward_rows(be)
     experts = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")

@@ -199,6 +199,8 @@ def _expert_match(node: fx.Node, stacked: dict[fx.Node, torch.Tensor]) -> "Exper
         return None
     name = str(_target_name(node, node.target))
     if name in _GROUPED_MM and len(node.args) >= 2:
+        if _arg(node, 3, "bias") is not None or _arg(node, 4, "out_dtype") is not None:
+            return f"{name} with a bias or out_dtype on the stacked expert weights is not rewritten"
         found = _expert_weight(node.args[1], stacked)
         offsets = _arg(node, 2, "offs")
         if found is not None and isinstance(offsets, fx.Node) and _example_value(node.args[0]) is not None \
