@@ -21,14 +21,13 @@ Stochastic-rounding keys are drawn expert by expert in order, forward then backw
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..policy.precision import HIGH, LinearPrecision
 from .linear import Fp4LinearFunction
 
-__all__ = ["fp4_expert_linear", "fp4_expert_bmm", "fp4_expert_grouped_mm", "expert_ids_from_offsets"]
+__all__ = ["fp4_expert_linear", "fp4_expert_bmm", "fp4_expert_gather", "fp4_expert_grouped_mm",
+           "expert_ids_from_offsets"]
 
 
 class _ExpertContext:
@@ -45,8 +44,10 @@ class _ExpertContext:
 
 def _groups(expert_ids: torch.Tensor, experts: int) -> list[tuple[int, torch.Tensor]]:
     """``(expert, row indices in order)`` of every expert with rows. One host read of the ids (a sync on CUDA)."""
-    order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids.clamp(0, experts).to(torch.int64), minlength=experts + 1).tolist()
+    # Ids outside [0, experts) (grouped_mm's unused tail) all become `experts`, sorted last and run by none.
+    ids = torch.where((expert_ids >= 0) & (expert_ids < experts), expert_ids, experts).to(torch.int64)
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=experts + 1).tolist()
     groups, start = [], 0
     for e, count in enumerate(counts[:experts]):
         if count:
@@ -104,7 +105,7 @@ def _expert_linear_backward(x: torch.Tensor, weight: torch.Tensor, expert_ids: t
     for e, rows in _groups(expert_ids, weight.shape[0]):
         ctx = _ExpertContext((need_dx, need_dw, False))
         Fp4LinearFunction.forward(ctx, x[rows], weight[e], None, cfg, dy.dtype, _expert_label(site, e), paths)
-        dx_e, dw_e, _, *_ = Fp4LinearFunction.backward(ctx, dy[rows])
+        dx_e, dw_e = Fp4LinearFunction.backward(ctx, dy[rows])[:2]
         if dx_e is not None:
             dx[rows] = dx_e.to(dx.dtype)
         if dw_e is not None:
@@ -177,7 +178,7 @@ def fp4_expert_bmm(x: torch.Tensor, weight_kn: torch.Tensor, precision: str, out
 
 def fp4_expert_gather(x: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, precision: str,
                       out_dtype: torch.dtype, site: str = "", gemm_paths: str = "",
-                      weight_is_kn: Optional[bool] = False) -> torch.Tensor:
+                      weight_is_kn: bool = False) -> torch.Tensor:
     """transformers' ``batched_mm``: ``bmm(weight[expert_ids], x.unsqueeze(-1)).squeeze(-1)`` (``weight``
     ``(E, N, K)``), or with ``weight_is_kn`` ``bmm(x.unsqueeze(1), weight[expert_ids]).squeeze(1)``; returns the
     ``(S, N)`` result (the caller's squeeze is rewritten away)."""
