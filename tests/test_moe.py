@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import fp4compile
+from fp4compile.inspect.table import rows_to_markdown
 from fp4compile.ops.experts import expert_ids_from_offsets, fp4_expert_grouped_mm, fp4_expert_linear
 from fp4compile.policy.precision import LinearPrecision, Role
 from fp4compile.policy.site import GemmSite
@@ -163,6 +164,8 @@ def test_mixtral_experts_are_fp4_sites_per_stacked_weight(implementation):
     middle = rows["model.layers.1.mlp.experts.down_proj"]
     assert middle.module == "model.layers.1.mlp.experts"
     assert sum(r.weight.endswith(experts) for r in rows.values()) == 6  # one row per expert group and weight
+    table = rows_to_markdown(be.rows())
+    assert "| model.layers.1.mlp.experts: down_proj, 4 experts | forward | nvfp4 |" in table
     code = be.reports[-1].pass_code[-1][1]
     calls = [line for line in code.splitlines() if "= fp4compile_ops_experts_fp4_expert_" in line]
     assert len(calls) == 2, calls  # the middle block's two expert GEMMs
