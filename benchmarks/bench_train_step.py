@@ -4,6 +4,7 @@
     python benchmarks/bench_train_step.py --models small gpt2-medium llama --modes inductor-bf16 fp4
     python benchmarks/bench_train_step.py --models gpt-d2048 --steps 10 --warmup 3   # d=2048, 16 layers
     python benchmarks/bench_train_step.py --device cpu --models tiny --modes eager-bf16 fp4 --steps 2 --warmup 1
+    python benchmarks/bench_train_step.py --models mixtral-small   # examples/train_moe.py's mixture of experts
 
 Modes: ``eager-bf16``; ``inductor-bf16`` (torch.compile); ``fakequant-eager`` and ``fakequant-compiled`` (the
 NV recipe as plain-PyTorch fake quantization: fp4compile.testing's module swap, eager and under
@@ -37,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 from gpt import GPT, GPTConfig  # noqa: E402
 from llama import Llama, LlamaConfig  # noqa: E402
+from train_moe import CausalLMLoss, mixtral  # noqa: E402
 
 import fp4compile  # noqa: E402
 from fp4compile.policy.precision import LinearPrecision  # noqa: E402
@@ -52,6 +54,8 @@ MODELS = {
     # benchmarks/bench_gemm_shapes.py's default table.
     "gpt-d2048": (lambda: GPT(GPTConfig(50304, 2048, 16, 16, 2048)), 4, 2048),
     "tiny": (lambda: GPT(GPTConfig(256, 64, 3, 2, 64)), 2, 64),  # for --device cpu
+    # transformers' Mixtral, 6 layers x 384, 8 experts top-2, experts as grouped GEMMs (examples/train_moe.py)
+    "mixtral-small": (lambda: CausalLMLoss(mixtral(tiny=False)), 32, 256),
 }
 MODES = ("eager-bf16", "inductor-bf16", "inductor-bf16-cudagraphs", "fakequant-eager", "fakequant-compiled", "fp4",
          "fp4-cudagraphs", "fp4-cudagraphs-gemm-op", "fp4-graph-mm")
@@ -99,6 +103,17 @@ def run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) -
         return _run_mode(model_name, mode, steps, warmup, device)
 
 
+def _vocab(model: torch.nn.Module) -> int:
+    """The output head's width (the vocabulary): ``lm_head`` (GPT), ``output`` (Llama), ``model.lm_head``
+    (a transformers model inside `CausalLMLoss`)."""
+    for name in ("lm_head", "output", "model.lm_head"):
+        try:
+            return model.get_submodule(name).out_features
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(model).__name__} has no lm_head, output or model.lm_head to read the vocabulary from")
+
+
 def _device_used_bytes() -> int:
     if not torch.cuda.is_available():
         return 0
@@ -123,7 +138,7 @@ def _run_mode(model_name: str, mode: str, steps: int, warmup: int, device: str) 
         torch.cuda.reset_peak_memory_stats()
     used_before = _device_used_bytes()
     model, step_model, opt, batch, seq = build(model_name, mode, device)
-    vocab = model.lm_head.out_features if hasattr(model, "lm_head") else model.output.out_features
+    vocab = _vocab(model)
     gen = torch.Generator(device=device).manual_seed(0)
     inputs = [(torch.randint(0, vocab, (batch, seq), device=device, generator=gen),
                torch.randint(0, vocab, (batch, seq), device=device, generator=gen)) for _ in range(4)]

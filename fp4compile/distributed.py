@@ -146,6 +146,12 @@ class ModelLayout:
     def __repr__(self) -> str:
         return f"ModelLayout({self.stacks})"
 
+    @property
+    def model(self) -> Optional[torch.nn.Module]:
+        """The model (its root module, without DDP/FSDP1/compile wrappers), or None once it is gone."""
+        model = self._model()
+        return _root(model) if model is not None else None
+
     def _rescan(self) -> None:
         """Add the model's current parameters to the maps. Entries are kept, not cleared: under FSDP2 a block's
         unsharded parameters are in the module only while it runs, and must still be known at its next call."""
@@ -290,8 +296,10 @@ def route_graph(layout: ModelLayout, gm: fx.GraphModule, example_inputs: Sequenc
     placement = BlockPlacement(stack.prefix or "(root)", stack.count)
     if any(_reaches_into(path, stack) for path in _graph_paths(gm)):
         return GraphRoute(placement)
+    # Only the stack's own weights tell blocks apart: an activation (a mixture of experts' token rows in a graph
+    # of its own after a graph break) is no weight, and routing on it compiled one variant for its first shape.
     positions = tuple(i for i, x in enumerate(example_inputs)
-                      if isinstance(x, torch.Tensor) and x.ndim == 2 and x.requires_grad)
+                      if isinstance(x, torch.Tensor) and x.ndim == 2 and layout.block_of(x) is not None)
     if not positions:
         return GraphRoute(placement)
     return GraphRoute(per_call=True, layout=layout, positions=positions)

@@ -375,9 +375,69 @@ class _Experts(nn.Module):
         return self.out(batched.sum(0))
 
 
-def test_gemms_on_stacked_expert_weights_are_listed_in_high_precision():
+def test_gemms_on_stacked_expert_weights():
+    """The batched GEMM on the stacked weight is a site run per expert; GEMMs on one expert's slice are listed
+    in high precision with the reason."""
     be, _ = _train(_Experts(), torch.randn(8, 32), steps=1)
     rows = [r for r in be.rows() if r.role == "forward"]
-    stacked = [r for r in rows if "stacked expert weights" in r.reason]
-    assert len(stacked) == 4 + 1 and all(r.precision == "high" and r.reason.startswith("fallback:") for r in stacked)
+    sliced = [r for r in rows if "stacked expert weights" in r.reason]
+    assert len(sliced) == 4 and all(r.precision == "high" and r.reason.startswith("fallback:") for r in sliced)
+    batched = [r for r in rows if r.weight == "w"]
+    assert len(batched) == 1 and batched[0].precision == "nvfp4", batched
     assert {r.module for r in rows} == {"", "out"}
+
+
+# --- heads of several towers ------------------------------------------------------------------------------------
+
+def _clip():
+    tower = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3)
+    config = _transformers().CLIPConfig(text_config=dict(vocab_size=VOCAB, max_position_embeddings=16, bos_token_id=0,
+                                                         eos_token_id=1, **tower),
+                                        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=32)
+    return _transformers().CLIPModel(config)
+
+
+def test_clip_both_towers_projections_are_heads():
+    """Each tower's projection follows its stack's final norm and feeds only the loss: both are heads, though the
+    text tower runs after the vision tower."""
+    be, counts = _train(_clip(), input_ids=_ids(), pixel_values=torch.randn(2, 3, 32, 32), return_loss=True)
+    rows = _forward_rows(be)
+    assert counts[0] == counts[1]
+    _assert_nv_structure(rows, {"text_model.encoder.layers": 3, "vision_model.encoder.layers": 3},
+                         {"visual_projection", "text_projection"})
+
+
+def test_whisper_encoder_and_decoder_stacks_and_head():
+    config = _transformers().WhisperConfig(vocab_size=VOCAB, d_model=64, encoder_layers=3, decoder_layers=3,
+                                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                           decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=16,
+                                           max_target_positions=16, decoder_start_token_id=0, pad_token_id=0,
+                                           bos_token_id=0, eos_token_id=1)
+    be, _ = _train(_transformers().WhisperForConditionalGeneration(config), steps=1,
+                   input_features=torch.randn(2, 16, 32), labels=_ids(t=8))
+    _assert_nv_structure(_forward_rows(be), {"model.encoder.layers": 3, "model.decoder.layers": 3}, {"proj_out"})
+
+
+class _TwoStacks(nn.Module):
+    """An encoder stack, a bridge projection feeding a decoder stack, and a head."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.encoder = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.ReLU()) for _ in range(3))
+        self.bridge = nn.Linear(d, d)
+        self.decoder = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.ReLU()) for _ in range(3))
+        self.head = nn.Linear(d, 16)
+
+    def forward(self, x):
+        for block in self.encoder:
+            x = block(x)
+        x = self.bridge(x)
+        for block in self.decoder:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_projection_feeding_a_later_stack_is_not_a_head():
+    rows = _forward_rows(_train(_TwoStacks(), torch.randn(4, 32), steps=1)[0])
+    assert rows["bridge"].precision == "nvfp4" and rows["bridge"].layer is None, rows["bridge"].reason
+    _assert_nv_structure({m: r for m, r in rows.items() if m != "bridge"}, {"encoder": 3, "decoder": 3}, {"head"})

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -32,7 +33,7 @@ from ..policy.schedule import FP4_PHASE, Phase, PhaseSource, StepCounter
 from .table import TableRow, precision_table, rows_to_json, rows_to_markdown
 from .inner import INNER_COMPILERS, compile_inner
 
-__all__ = ["Fp4Backend", "CompileReport", "backend", "fp4_backend"]
+__all__ = ["Fp4Backend", "CompileReport", "backend", "fp4_backend", "fallback_warning"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,103 @@ class CompileReport:
     @property
     def fallbacks(self) -> list[TableRow]:
         return [r for r in self.rows if r.reason.startswith("fallback:")]
+
+
+def _compiled_module() -> Optional[torch.nn.Module]:
+    """The module whose compiled call is running, found on the Python stack while Dynamo hands over a graph:
+    the ``_orig_mod`` of the outermost ``torch.compile(model)`` wrapper, or the outermost module compiled in
+    place (``model.compile()``). None when a function, not a module, was compiled."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    found = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, OptimizedModule):
+            found = owner._orig_mod
+        elif isinstance(owner, torch.nn.Module) and getattr(owner, "_compiled_call_impl", None) is not None:
+            found = owner
+        frame = frame.f_back
+    return found
+
+
+def _found_layout() -> Optional[ModelLayout]:
+    """The layout of the compiled model when the backend was not given one (`_compiled_module`), so that every
+    graph Dynamo hands over (after a graph break, DDP's splits) is named and placed in the same model. Only a
+    model with a block stack counts: a single block compiled on its own (per-block compile) is placed as
+    without a model, and warned about."""
+    model = _compiled_module()
+    if model is None:
+        return None
+    layout = model_layout(model)
+    return layout if layout.stack is not None else None
+
+
+def uncaptured_experts_warning(model: torch.nn.Module) -> Optional[str]:
+    """The warning for experts modules that run their experts in a Python loop Dynamo cannot capture
+    (transformers' ``experts_implementation="eager"``: the routing's ``nonzero`` breaks the graph and the loop
+    runs outside any graph), or None. Their GEMMs never reach the backend and stay in high precision."""
+    looped = [name for name, module in model.named_modules()
+              if getattr(getattr(module, "config", None), "_experts_implementation", None) == "eager"
+              and any(p.dim() == 3 for p in module.parameters(recurse=False))]
+    if not looped:
+        return None
+    shown = ", ".join(looped[:2]) + (f" and {len(looped) - 2} more" if len(looped) > 2 else "")
+    return (f"fp4compile: the experts of {shown} run in a Python loop (experts_implementation='eager') that Dynamo "
+            "cannot capture: their GEMMs run outside the compiled graphs, in high precision; "
+            "model.set_experts_implementation('grouped_mm') (or 'batched_mm') makes them FP4 sites, one GEMM per "
+            "expert")
+
+
+#: Calls of a graph compiled without a model whose weights are checked against the traced ones.
+_REUSE_CHECKS = 4
+
+
+def _reuse_checked(fn: Callable, example_inputs: Sequence[Any], graph_id: str) -> Callable:
+    """``fn``, warning once if Dynamo calls it with other weights than it traced (one block's forward reused
+    for every block: a graph break in the loop over blocks): the graph's sites were named and placed as one
+    block, which without the model cannot be told from the model. Checked on the first calls only."""
+    positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+    if not positions:
+        return fn
+    traced = [id(example_inputs[i]) for i in positions]
+    left = [_REUSE_CHECKS]
+
+    def run(*args: Any) -> Any:
+        if left[0]:
+            left[0] -= 1
+            if any(i < len(args) and id(args[i]) != j for i, j in zip(positions, traced)):
+                left[0] = 0
+                logger.warning(structure_warning(graph_id, reused=True))
+        return fn(*args)
+
+    return run
+
+
+def structure_warning(graph_id: str, graphs: int = 0, reused: bool = False) -> str:
+    """The warning for a model Dynamo split into several graphs, or for one graph Dynamo runs for several
+    modules (``reused``), when the backend knows no model."""
+    what = (f"runs {graph_id}, traced from one module's forward, for other modules' weights too" if reused else
+            f"handed over the model in {graphs} graphs (a graph break)")
+    return (f"fp4compile: Dynamo {what} and the backend could not "
+            f"find the model: {graph_id} and the graphs after it name their module paths from the submodule "
+            "Dynamo traced and find block stacks and the output head from their own GEMMs alone, so the recipe's "
+            "structure (first and last blocks, output head, rules by module path) could not be applied across "
+            "graphs; pass the model: torch.compile(fn, backend='fp4', options={'model': model})")
+
+
+def fallback_warning(fallbacks: Sequence[TableRow], graph_id: str) -> str:
+    """One warning for a graph's fallbacks: a line per distinct reason, with how many GEMM roles it covers and
+    the first site it names (the precision table lists every one)."""
+    by_reason: dict[str, list[TableRow]] = {}
+    for row in fallbacks:
+        by_reason.setdefault(row.reason.removeprefix("fallback: "), []).append(row)
+    lines = [f"fp4compile: {len(fallbacks)} GEMM role(s) fall back to high precision in {graph_id}, by reason "
+             "(each is a row of the precision table: backend.rows(), fp4compile dump):"]
+    for reason, rows in sorted(by_reason.items(), key=lambda item: -len(item[1])):
+        first = rows[0]
+        lines.append(f"  {len(rows)} x {reason} (e.g. {first.module or first.node} {first.role})")
+    return "\n".join(lines)
 
 
 def _resolve_policy(policy: "Policy | str | None") -> Policy:
@@ -109,6 +207,8 @@ class Fp4Backend:
         self.reports: list[CompileReport] = []
         self._graph_ids = itertools.count()
         self._warned_patterns: set[str] = set()
+        self._warned_structure = False
+        self._warned_experts: set[int] = set()
 
     # Dynamo compares backends to decide whether a cached frame can be reused.
     def _key(self) -> tuple:
@@ -137,11 +237,17 @@ class Fp4Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], **_: Any) -> Callable:
         graph_id = f"graph_{next(self._graph_ids)}"
         schedule = self.schedule
-        route = route_graph(self.layout, gm, example_inputs) if self.layout is not None else GraphRoute()
-        if self.layout is None and (warning := split_warning(gm, graph_id)):
+        layout = self.layout if self.layout is not None else _found_layout()
+        route = route_graph(layout, gm, example_inputs) if layout is not None else GraphRoute()
+        if layout is None and (warning := split_warning(gm, graph_id)):
             logger.warning(warning)
+        if layout is not None and layout.model is not None and id(layout.model) not in self._warned_experts:
+            self._warned_experts.add(id(layout.model))
+            if warning := uncaptured_experts_warning(layout.model):
+                logger.warning(warning)
         if schedule is None and not route.per_call:
-            return self._compile_phase(gm, example_inputs, graph_id, FP4_PHASE, route.placement)
+            compiled_fn = self._compile_phase(gm, example_inputs, graph_id, FP4_PHASE, route.placement, layout)
+            return compiled_fn if layout is not None else _reuse_checked(compiled_fn, example_inputs, graph_id)
         # One variant per schedule phase and, for a graph Dynamo reuses for every block, per block.
         compiled: dict[tuple[Phase, Optional[BlockPlacement]], Callable] = {}
 
@@ -153,9 +259,10 @@ class Fp4Backend:
                 name = route.name(graph_id, placement)
                 logger.info("fp4compile: compiling %s for schedule phase %r", name, phase.name)
                 # A block's variant is compiled with that block's live arguments: under FSDP2 the example
-                # inputs, another block's unsharded weights, may have been freed since.
-                inputs = args if route.per_call else example_inputs
-                fn = compiled[(phase, placement)] = self._compile_phase(gm, inputs, name, phase, placement)
+                # inputs, another block's unsharded weights, may have been freed since. Any other variant takes
+                # Dynamo's example inputs, whose sizes may be symbolic: live arguments would fix them to one call's.
+                inputs = args if route.per_call and placement is not None else example_inputs
+                fn = compiled[(phase, placement)] = self._compile_phase(gm, inputs, name, phase, placement, layout)
             return fn
 
         def run(*args: Any) -> Any:
@@ -166,14 +273,14 @@ class Fp4Backend:
         return run
 
     def _compile_phase(self, gm: fx.GraphModule, example_inputs: Sequence[Any], graph_id: str, phase: Phase,
-                       placement: Optional[BlockPlacement] = None) -> Callable:
+                       placement: Optional[BlockPlacement] = None, layout: Optional[ModelLayout] = None) -> Callable:
         # Set on the passes' own copy of the graph (Dynamo's graph stays untouched; the placement differs per variant).
         graph_meta: dict[str, Any] = {}
         if placement is not None:
             graph_meta[PLACEMENT] = placement
-        if self.layout is not None:
-            graph_meta[MODEL_STACKS] = self.layout.stacks
-            graph_meta[PARAMETER_NAMES] = self.layout.names_of
+        if layout is not None:
+            graph_meta[MODEL_STACKS] = layout.stacks
+            graph_meta[PARAMETER_NAMES] = layout.names_of
         result = run_passes(gm, example_inputs, self.policy, phase, verify=self.verify,
                             cudagraphs=self.cudagraphs and self.inner == "inductor", graph_meta=graph_meta)
         # Dynamo compiles a graph under the grad mode it was traced in: without gradients (an evaluation under
@@ -182,12 +289,13 @@ class Fp4Backend:
         report = CompileReport(graph_id, phase.name, rows, result.snapshots)
         self.reports.append(report)
         if report.fallbacks:
-            listed = "; ".join(f"{r.module or r.node} {r.role}: {r.reason}" for r in report.fallbacks)
-            logger.warning("fp4compile: %d GEMM role(s) fall back to high precision in %s: %s",
-                           len(report.fallbacks), graph_id, listed)
-        if self.layout is None and all(r.layer is None for r in report.rows) and (
+            logger.warning(fallback_warning(report.fallbacks, graph_id))
+        if layout is None and all(r.layer is None for r in report.rows) and (
                 warning := unplaced_warning(graph_id, [r.module for r in report.rows])):
             logger.warning(warning)
+        if layout is None and report.rows and not self._warned_structure and len(self.reports) > 1:
+            self._warned_structure = True
+            logger.warning(structure_warning(graph_id, len(self.reports)))
 
         self._warn_unmatched_rules()
 

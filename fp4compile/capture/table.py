@@ -21,7 +21,8 @@ class TableRow:
     """One GEMM in one role. ``shape`` is ``(M, N, K)`` of that GEMM (``M`` may be symbolic); ``gemm_path``
     how it runs (`fp4compile.passes.choose_gemm_paths`; ``high`` for a high-precision role). ``training`` is
     False for a graph compiled with gradients off (an evaluation under ``torch.no_grad()``), which runs the
-    forward GEMM only and has no backward rows."""
+    forward GEMM only and has no backward rows. ``experts``: for a mixture of experts' GEMM on stacked weights,
+    how many experts run it, each as its own GEMM (one row covers them all; 0 otherwise)."""
 
     graph: str
     module: str
@@ -37,6 +38,7 @@ class TableRow:
     dtype: str
     gemm_path: str = "high"
     training: bool = True
+    experts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -61,7 +63,7 @@ def precision_table(annotated: fx.GraphModule, graph: str = "", training: bool =
                 rows.append(TableRow(
                     graph, site.module, role.value, p.precision, decisions[role].reason, site.role_shape(role.value),
                     "high" if p.is_high else p.lhs.describe(), "high" if p.is_high else p.rhs.describe(),
-                    site.layer_index, site.weight, site.node, site.dtype, path, training,
+                    site.layer_index, site.weight, site.node, site.dtype, path, training, site.experts,
                 ))
         elif UNSUPPORTED in node.meta:
             stack = node.meta.get("nn_module_stack") or {}
@@ -82,11 +84,19 @@ def graph_label(row: "TableRow | dict[str, Any]") -> str:
     return f"{d.get('graph', '')}{'' if d.get('training', True) else ' (no grad)'}"
 
 
+def module_label(row: TableRow) -> str:
+    """The module cell of a row: the module path, and for an expert GEMM its stacked weight and expert count
+    (``model.layers.1.mlp.experts: gate_up_proj, 8 experts``), which tell its two GEMMs apart."""
+    if not row.experts:
+        return row.module
+    return f"{row.module}: {row.weight.rpartition('.')[2]}, {row.experts} experts"
+
+
 def rows_to_markdown(rows: Iterable[TableRow]) -> str:
     header = ("| graph | module | role | precision | lhs | rhs | M x N x K | gemm path | reason |\n"
               "|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {graph_label(r)} | {r.module} | {r.role} | {r.precision} | {r.lhs} | {r.rhs} | {' x '.join(r.shape)} "
+        f"| {graph_label(r)} | {module_label(r)} | {r.role} | {r.precision} | {r.lhs} | {r.rhs} | {' x '.join(r.shape)} "
         f"| {r.gemm_path} "
         f"| {r.reason} |\n"
         for r in rows

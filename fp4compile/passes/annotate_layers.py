@@ -1,7 +1,7 @@
 """Pass: find the stacks of repeated blocks and the output head, and place every GEMM site in them.
 
-Reads: ``node.meta[SITE]``, ``node.meta[SCOPES]``; ``gm.meta[MODEL_STACKS]`` and ``gm.meta[PLACEMENT]`` when
-the backend knows the model. Writes: ``node.meta[SITE]`` (with ``stack``, ``layer_index``, ``first_layer``,
+Reads: ``node.meta[SITE]``, ``node.meta[SCOPES]`` (also on the nodes a site's result flows into, for the head);
+``gm.meta[MODEL_STACKS]`` and ``gm.meta[PLACEMENT]`` when the backend knows the model. Writes: ``node.meta[SITE]`` (with ``stack``, ``layer_index``, ``first_layer``,
 ``last_layer`` and ``is_output_head`` filled in).
 
 A block stack is found by structure, whatever the names: two or more modules of the same class that hold
@@ -16,9 +16,11 @@ Without the model the stacks come from the modules the graph's nodes ran in (``n
 holding part of a stack counts that part; with it (``gm.meta[MODEL_STACKS]``, from the model's
 ``named_modules()``) indices count against the model's whole stacks.
 
-The output head is every weight GEMM that runs after the last block of the graph's last stack, in graph order
-(a language model's ``lm_head``; BERT's MLM transform and decoder; a classifier's pooler and classifier); in a
-graph with no stack, its last weight GEMM.
+The output head is every weight GEMM outside the stacks that runs after a stack's last block and whose result
+feeds no later stack, only the loss or an output (a language model's ``lm_head``; BERT's MLM transform and
+decoder; a classifier's pooler and classifier; both projections of a two-tower model such as CLIP, whichever
+tower runs last); a GEMM between two stacks that feeds the second (a bridge from an encoder to a decoder) is
+not. In a graph with no stack, its last weight GEMM is the head.
 
 `BlockPlacement` (``gm.meta[PLACEMENT]``) covers a graph traced from one block's own forward, which Dynamo
 reuses for every block (per-block compile, FSDP2; see fp4compile/distributed.py): its sites get the block's
@@ -211,24 +213,42 @@ def annotate_layers(gm: fx.GraphModule) -> fx.GraphModule:
         stacks = (BlockStack(placement.stack, tuple(str(i) for i in range(placement.count))),)
     if stacks is None:
         stacks = find_block_stacks(_graph_blocks(nodes, gm))
-    places = place_sites([n.meta[SITE].module for n in nodes], tuple(stacks))
+    stacks = tuple(stacks)
+    places = place_sites([n.meta[SITE].module for n in nodes], stacks, _feeds_a_stack(nodes, gm, stacks))
     for node, place in zip(nodes, places):
         if place is not None:
             node.meta[SITE] = dataclasses.replace(node.meta[SITE], **place)
     return gm
 
 
-def place_sites(modules: Sequence[str], stacks: tuple[BlockStack, ...]) -> list[Optional[dict[str, Any]]]:
+def _feeds_a_stack(nodes: list[fx.Node], gm: fx.GraphModule, stacks: tuple[BlockStack, ...]) -> list[bool]:
+    """For each site node, whether its result flows into a node that runs in a block of ``stacks`` (in the
+    node's own graph; a site inside a checkpoint region counts as feeding none)."""
+    by_parent: dict[str, list[BlockStack]] = {}
+    for stack in stacks:
+        by_parent.setdefault(stack.prefix, []).append(stack)
+    feeds: dict[fx.Node, bool] = {}
+    for node in reversed(list(gm.graph.nodes)):  # users come after their inputs
+        in_block = any(_stack_of(path, by_parent) is not None for path, _ in node.meta.get(SCOPES, ()))
+        feeds[node] = in_block or any(feeds.get(user, False) for user in node.users)
+    return [any(feeds.get(user, False) for user in node.users) for node in nodes]
+
+
+def place_sites(modules: Sequence[str], stacks: tuple[BlockStack, ...],
+                feeds_a_stack: Optional[Sequence[bool]] = None) -> list[Optional[dict[str, Any]]]:
     """Where each of ``modules`` (GEMM sites' module paths, in call order) lies: for a site in a block of one of
     ``stacks``, its `GemmSite` fields ``stack``, ``layer_index``, ``first_layer`` and ``last_layer``; for a site of
-    the output head (every site after the last one in a stack; the last site when no site is in one),
-    ``is_output_head=True``; else None. Containers of stacks give way to their inner stacks
-    (`_without_containers`), so that each stack has its own first and last block."""
+    the output head, ``is_output_head=True``; else None. Containers of stacks give way to their inner stacks
+    (`_without_containers`), so that each stack has its own first and last block.
+
+    The head: with ``feeds_a_stack`` (per site, whether its result flows into a later stack's block), every site
+    outside the stacks after the first site in a stack that feeds no stack, so each tower of a model has its
+    head; without it, every site after the last one in a stack. The last site when no site is in a stack."""
     by_parent: dict[str, list[BlockStack]] = {}
     for stack in _without_containers(stacks, list(modules)):
         by_parent.setdefault(stack.prefix, []).append(stack)
     places: list[Optional[dict[str, Any]]] = [None] * len(modules)
-    last_in_stack = -1
+    in_stack = []
     for i, module in enumerate(modules):
         found = _stack_of(module, by_parent)
         if found is None:
@@ -237,9 +257,14 @@ def place_sites(modules: Sequence[str], stacks: tuple[BlockStack, ...]) -> list[
         indices = stack.indices()
         places[i] = dict(stack=stack.label, layer_index=indices[name], first_layer=min(indices.values()),
                          last_layer=max(indices.values()))
-        last_in_stack = i
-    head_start = last_in_stack + 1 if last_in_stack >= 0 else len(modules) - 1
-    for i in range(max(head_start, 0), len(modules)):  # none of these lies in a stack
+        in_stack.append(i)
+    if not in_stack:
+        heads = [len(modules) - 1] if modules else []
+    elif feeds_a_stack is None:
+        heads = list(range(in_stack[-1] + 1, len(modules)))
+    else:
+        heads = [i for i in range(in_stack[0] + 1, len(modules)) if places[i] is None and not feeds_a_stack[i]]
+    for i in heads:
         places[i] = dict(is_output_head=True)
     return places
 

@@ -14,8 +14,11 @@ these. A frame rooted at a submodule (Dynamo compiles ``model.model.forward`` on
 as under Hugging Face's gradient checkpointing) names paths from that submodule; only the model can tell:
 with ``gm.meta[PARAMETER_NAMES]`` the weights' own names in the model give the missing prefix.
 
-GEMMs on weights of 3 or more dimensions (a mixture of experts' stacked expert weights) and on slices of a
-weight are marked unsupported, so that the precision table lists them with the reason.
+A mixture of experts' GEMMs on stacked 3-D expert weights ``(E, N, K)`` are sites too (`ExpertGemmMatch`,
+``GemmSite.experts`` set): ``torch._grouped_mm``/``F.grouped_mm``/transformers' ``grouped_mm_fallback`` on sorted
+rows and offsets, transformers' ``batched_mm`` form ``bmm(W[expert_ids], x.unsqueeze(-1))``, and ``bmm``/
+``matmul`` of ``(E, T, K)`` activations with ``W.transpose(-2, -1)``. Other GEMMs on such weights, and GEMMs on
+slices of a weight, are marked unsupported, so that the precision table lists them with the reason.
 
 Spellings: ``F.linear(x, W, b)``; ``torch.addmm(b, x, B)``; ``torch.matmul``/``torch.mm``/``@``/``Tensor.matmul``
 (``x @ B``), where ``B`` is ``W.t()``/``W.T``/``W.transpose(0, 1)``/``W.permute(1, 0)`` of an ``(N, K)`` weight,
@@ -38,7 +41,7 @@ from ..policy.site import GemmSite
 from .meta import MATCH, MODULE, PARAMETER_NAMES, SCOPES, SITE, UNSUPPORTED
 from .subgraphs import SUPPORTED_HIGHER_ORDER_OPS, examples_by_node, nested_body, operand_examples
 
-__all__ = ["GemmMatch", "find_gemm_sites", "module_path"]
+__all__ = ["GemmMatch", "ExpertGemmMatch", "find_gemm_sites", "module_path"]
 
 _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, operator.matmul, torch.mm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.__matmul__}
@@ -108,6 +111,26 @@ def _sliced_weight(node: Any, params: dict[fx.Node, torch.Tensor]) -> Optional[f
 _VIEW_NAMES = {"transpose", "permute", "t", "getitem", "__getitem__", "view", "reshape", "contiguous", "narrow",
                "select"}
 _GEMM_WORDS = ("mm", "matmul", "linear", "einsum")
+_GROUPED_MM = {"grouped_mm", "_grouped_mm", "grouped_mm_fallback"}
+_BATCHED_MM = {"bmm", "matmul", "__matmul__"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertGemmMatch:
+    """A GEMM of a mixture of experts on stacked expert weights, as found in the graph.
+
+    ``weight`` is the parameter node, ``(E, N, K)``, or ``(E, K, N)`` when ``weight_is_kn``. ``kind`` says how
+    rows find their expert: ``"grouped"`` (``x`` ``(S, K)`` sorted by expert, ``routing`` the offsets of
+    ``torch._grouped_mm``), ``"gather"`` (transformers' ``batched_mm``: ``bmm(W[routing], x.unsqueeze(-1))``,
+    ``routing`` the expert id of each row) or ``"bmm"`` (``x`` ``(E, T, K)``: expert ``e`` runs on ``x[e]``).
+    """
+
+    x: fx.Node
+    weight: fx.Node
+    weight_is_kn: bool
+    kind: str
+    routing: Optional[fx.Node]
+    spelling: str
 
 
 def _stacked_weight(value: Any, stacked: dict[fx.Node, torch.Tensor]) -> Optional[fx.Node]:
@@ -122,11 +145,88 @@ def _stacked_weight(value: Any, stacked: dict[fx.Node, torch.Tensor]) -> Optiona
     return None
 
 
-def _stacked_gemm_reason(node: fx.Node, stacked: dict[fx.Node, torch.Tensor]) -> Optional[str]:
-    """Why a GEMM-like call on a weight of 3 or more dimensions (a mixture of experts' stacked expert
-    weights, ``(experts, N, K)``) stays in high precision, or None if ``node`` is no such call."""
-    if not stacked:
+def _is_last_two_swapped(node: fx.Node, ndim: int) -> bool:
+    """Whether ``node`` swaps the last two axes of an ``ndim``-D tensor (``transpose(-2, -1)``, ``mT``)."""
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "mT":
+        return True
+    if _target_name(node) != "transpose" or len(node.args) < 3:
+        return False
+    return {d % ndim for d in node.args[1:3]} == {ndim - 2, ndim - 1}
+
+
+def _expert_weight(value: Any, stacked: dict[fx.Node, torch.Tensor]) -> Optional[tuple[fx.Node, bool]]:
+    """``(3-D parameter node, last two axes swapped)`` if ``value`` is a 3-D parameter or its
+    ``transpose(-2, -1)``, else None."""
+    if not isinstance(value, fx.Node):
         return None
+    if value in stacked and stacked[value].dim() == 3:
+        return value, False
+    if value.args and isinstance(value.args[0], fx.Node) and value.args[0] in stacked:
+        param = value.args[0]
+        if stacked[param].dim() == 3 and _is_last_two_swapped(value, 3):
+            return param, True
+    return None
+
+
+def _gathered_weight(value: Any, stacked: dict[fx.Node, torch.Tensor]) -> Optional[tuple[fx.Node, fx.Node]]:
+    """``(3-D parameter node, ids node)`` if ``value`` is ``W[ids]`` with a 1-D integer tensor ``ids``."""
+    if not isinstance(value, fx.Node) or _target_name(value) not in ("getitem", "__getitem__") or len(value.args) != 2:
+        return None
+    param, ids = value.args
+    if not (isinstance(param, fx.Node) and param in stacked and stacked[param].dim() == 3 and isinstance(ids, fx.Node)):
+        return None
+    ids_val = _example_value(ids)
+    if ids_val is None or ids_val.dim() != 1 or ids_val.dtype.is_floating_point or ids_val.dtype == torch.bool:
+        return None
+    return param, ids
+
+
+def _unsqueezed(value: Any, dim: int) -> Optional[fx.Node]:
+    """``t`` if ``value`` is ``t.unsqueeze(dim)`` of a 2-D ``t`` (``dim`` counted on the 3-D result), else None."""
+    if not isinstance(value, fx.Node) or _target_name(value) != "unsqueeze" or len(value.args) < 2:
+        return None
+    x = value.args[0]
+    x_val = _example_value(x)
+    if x_val is None or x_val.dim() != 2 or value.args[1] % 3 != dim % 3:
+        return None
+    return x
+
+
+def _expert_match(node: fx.Node, stacked: dict[fx.Node, torch.Tensor]) -> "ExpertGemmMatch | str | None":
+    """An `ExpertGemmMatch` for a GEMM on a 3-D weight that runs one GEMM per expert, the reason a GEMM-like
+    call on a stacked weight stays in high precision, or None for other nodes."""
+    if not stacked or node.op not in ("call_function", "call_method"):
+        return None
+    name = str(_target_name(node, node.target))
+    if name in _GROUPED_MM and len(node.args) >= 2:
+        if _arg(node, 3, "bias") is not None or _arg(node, 4, "out_dtype") is not None:
+            return f"{name} with a bias or out_dtype on the stacked expert weights is not rewritten"
+        found = _expert_weight(node.args[1], stacked)
+        offsets = _arg(node, 2, "offs")
+        if found is not None and isinstance(offsets, fx.Node) and _example_value(node.args[0]) is not None \
+                and _example_value(node.args[0]).dim() == 2:
+            param, swapped = found
+            return ExpertGemmMatch(node.args[0], param, not swapped, "grouped", offsets, name)
+    elif name in _BATCHED_MM and len(node.args) == 2:
+        lhs, rhs = node.args
+        gathered = _gathered_weight(lhs, stacked)
+        if gathered is not None and _unsqueezed(rhs, -1) is not None:  # bmm(W[ids], x.unsqueeze(-1)): (S, N, 1)
+            return ExpertGemmMatch(_unsqueezed(rhs, -1), gathered[0], False, "gather", gathered[1], name)
+        gathered = _gathered_weight(rhs, stacked)
+        if gathered is not None and _unsqueezed(lhs, 1) is not None:  # bmm(x.unsqueeze(1), W[ids]): (S, 1, N)
+            return ExpertGemmMatch(_unsqueezed(lhs, 1), gathered[0], True, "gather", gathered[1], name)
+        found = _expert_weight(rhs, stacked)
+        lhs_val = _example_value(lhs)
+        if found is not None and lhs_val is not None and lhs_val.dim() == 3 \
+                and lhs_val.shape[0] == stacked[found[0]].shape[0]:  # bmm(x (E, T, K), W^T (E, K, N))
+            param, swapped = found
+            return ExpertGemmMatch(lhs, param, not swapped, "bmm", None, name)
+    return _stacked_gemm_reason(node, stacked)
+
+
+def _stacked_gemm_reason(node: fx.Node, stacked: dict[fx.Node, torch.Tensor]) -> Optional[str]:
+    """Why a GEMM-like call on a weight of 3 or more dimensions that `_expert_match` does not recognise stays
+    in high precision, or None if ``node`` is no such call."""
     name = str(_target_name(node, node.target)).lower()
     if not any(word in name for word in _GEMM_WORDS):
         return None
@@ -134,7 +234,8 @@ def _stacked_gemm_reason(node: fx.Node, stacked: dict[fx.Node, torch.Tensor]) ->
         param = _stacked_weight(arg, stacked)
         if param is not None:
             return (f"{name} on the {stacked[param].dim()}-D weight {_param_name(param)} (stacked expert weights) "
-                    "is not rewritten: only GEMMs on 2-D weights are")
+                    "is not rewritten: per-expert GEMMs are rewritten when written as torch._grouped_mm, "
+                    "bmm(W[expert_ids], x.unsqueeze(-1)) or bmm(x (E, T, K), W.transpose(-2, -1))")
     return None
 
 
@@ -305,7 +406,7 @@ def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Gra
     found: list[tuple[fx.Node, "GemmMatch | str", dict[fx.Node, torch.Tensor]]] = []
     scoped: list[fx.Node] = []
     _find(gm, example_inputs, found, scoped)
-    matches = [(node, match) for node, match, _ in found if isinstance(match, GemmMatch)]
+    matches = [(node, match) for node, match, _ in found if isinstance(match, (GemmMatch, ExpertGemmMatch))]
     params = {k: v for _, _, p in found for k, v in p.items()}
     prefix, names = _model_prefix(gm, matches, params)
     for node in scoped:
@@ -313,14 +414,14 @@ def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Gra
     positions = itertools.count()
     for node, match, params in found:
         module = _join(prefix, _call_module(node))
-        if isinstance(match, GemmMatch):
+        if not isinstance(match, str):
             module = _owner_inside(module, names.get(match.weight) or _join(prefix, _param_name(match.weight)))
         if isinstance(match, str):
             node.meta[UNSUPPORTED] = match
             node.meta[MODULE] = module
             continue
         weight = params[match.weight]
-        n, k = (weight.shape[1], weight.shape[0]) if match.weight_is_kn else (weight.shape[0], weight.shape[1])
+        n, k = (weight.shape[-1], weight.shape[-2]) if match.weight_is_kn else (weight.shape[-2], weight.shape[-1])
         x_val = _example_value(match.x)
         if x_val is None or x_val.dim() < 1 or x_val.shape[-1] != k:
             node.meta[UNSUPPORTED] = f"could not read the activation's shape (expected (..., {k}))"
@@ -339,6 +440,7 @@ def find_gemm_sites(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> fx.Gra
             dtype=str(x_val.dtype),
             trainable=bool(weight.requires_grad),
             position=next(positions),
+            experts=int(weight.shape[0]) if isinstance(match, ExpertGemmMatch) else 0,
         )
     return gm
 
@@ -349,6 +451,7 @@ def _find(gm: fx.GraphModule, example_inputs: Sequence[Any],
     reason it cannot be rewritten) and its graph's parameters, and every node that runs inside a module."""
     params = _parameters(gm, example_inputs)
     stacked = _parameters(gm, example_inputs, stacked=True)
+    weights = {**params, **stacked}
     examples = examples_by_node(gm, example_inputs)
     for node in gm.graph.nodes:
         if node.meta.get("nn_module_stack"):
@@ -366,6 +469,6 @@ def _find(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if UNSUPPORTED in node.meta:  # marked by an earlier pass (decompose_attention)
             found.append((node, node.meta[UNSUPPORTED], params))
             continue
-        match = _match(node, params) or _stacked_gemm_reason(node, stacked)
+        match = _match(node, params) or _expert_match(node, stacked)
         if match is not None:
-            found.append((node, match, params))
+            found.append((node, match, weights))

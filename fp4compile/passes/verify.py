@@ -2,7 +2,8 @@
 
 Checks: FX's own lint (every use defined before it, one output); every `GemmSite` has its `GemmMatch`;
 decisions, where present, cover the three roles with `Decision` objects; every ``fp4_linear`` call has seven
-arguments, a decodable precision, a dtype, a 2D weight and decodable GEMM paths.
+arguments, a decodable precision, a dtype, a 2D weight and decodable GEMM paths; every expert call
+(`fp4compile.ops.experts`) a decodable precision and a 3-D weight.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..ops.experts import fp4_expert_bmm, fp4_expert_gather, fp4_expert_grouped_mm
 from ..ops.linear import fp4_linear
 from ..policy.precision import Decision, LinearPrecision, Role
 from .choose_gemm_paths import GemmPaths
@@ -65,3 +67,23 @@ def _verify(gm: fx.GraphModule, after: str) -> None:
             w_val = weight.meta.get("example_value", weight.meta.get("val")) if isinstance(weight, fx.Node) else None
             if w_val is not None and w_val.dim() != 2:
                 _fail(after, node, f"weight must be 2D, got shape {tuple(w_val.shape)}")
+        if node.op == "call_function" and node.target in _EXPERT_CALLS:
+            _verify_expert_call(node, after)
+
+
+#: The expert calls and the position of their precision argument.
+_EXPERT_CALLS = {fp4_expert_grouped_mm: 3, fp4_expert_gather: 3, fp4_expert_bmm: 2}
+
+
+def _verify_expert_call(node: fx.Node, after: str) -> None:
+    precision = node.args[_EXPERT_CALLS[node.target]]
+    try:
+        LinearPrecision.decode(precision)
+    except Exception as exc:
+        _fail(after, node, f"undecodable precision {precision!r}: {exc}")
+    weight = node.args[1]
+    while isinstance(weight, fx.Node) and weight.op == "call_function" and weight.target is torch.transpose:
+        weight = weight.args[0]
+    w_val = weight.meta.get("example_value", weight.meta.get("val")) if isinstance(weight, fx.Node) else None
+    if w_val is not None and w_val.dim() != 3:
+        _fail(after, node, f"stacked expert weight must be 3-D, got shape {tuple(w_val.shape)}")

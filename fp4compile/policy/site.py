@@ -28,6 +28,8 @@ class GemmSite:
         is_output_head: the site runs after the last block stack of the forward graph (the prediction head).
         trainable: whether the weight requires a gradient (otherwise the weight-gradient GEMM never runs).
         position: the site's order in the graph.
+        experts: for a mixture of experts' GEMM on stacked weights ``(experts, N, K)``, the number of experts
+            (each runs its own GEMMs with its own tensor scales); 0 for an ordinary weight GEMM.
     """
 
     node: str
@@ -45,6 +47,7 @@ class GemmSite:
     trainable: bool = True
     position: int = 0
     stack: Optional[str] = None
+    experts: int = 0
 
     def role_shape(self, role: str) -> tuple[str, str, str]:
         """``(M, N, K)`` of the GEMM in ``role`` (as strings; tokens may be symbolic)."""
