@@ -151,6 +151,7 @@ def main() -> None:
                    help="eager_twin_sr8: the twin with the hardware's 8-bit stochastic rounding (docs/numerics.md 2.2)")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each (they share the GPU)")
     p.add_argument("--resume", action="store_true", help="skip the runs whose results are already in --out")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one run of a --jobs study
     p.add_argument("--data", default=None)
     p.add_argument("--no-cudagraphs", action="store_true")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/eager_twin"))
@@ -169,16 +170,19 @@ def main() -> None:
         for first in range(0, len(runs), args.jobs):
             procs = []
             for arm, seed in runs[first:first + args.jobs]:
-                cmd = [sys.executable, __file__, *sys.argv[1:], "--seeds", str(seed), "--arms", arm, "--jobs", "1"]
+                cmd = [sys.executable, __file__, *sys.argv[1:], "--seeds", str(seed), "--arms", arm, "--jobs", "1", "--child"]
                 procs.append(((arm, seed), subprocess.Popen(cmd, stdout=subprocess.DEVNULL)))
             for run, proc in procs:
                 if proc.wait() != 0:
                     raise RuntimeError(f"{run} failed (exit {proc.returncode})")
     else:
         for arm, seed in runs:
+            result = run_one(arm, seed, args, device)  # written only when complete, so --resume skips whole runs
             with open(result_path(args, arm, seed), "w") as f:
-                json.dump(run_one(arm, seed, args, device), f)
+                json.dump(result, f)
             torch._dynamo.reset()
+        if args.child:
+            return  # one run of a parallel study: the parent summarizes
     results = [json.load(open(result_path(args, arm, seed))) for seed in args.seeds for arm in args.arms
                if os.path.exists(result_path(args, arm, seed))]
 
