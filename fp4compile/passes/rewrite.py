@@ -29,6 +29,8 @@ def rewrite_gemms(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _rewrite(gm: fx.GraphModule) -> None:
     graph = gm.graph
+    # A site's match was taken before the rewrite: its input may be an earlier site's node, replaced by then.
+    replaced: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
         decisions = node.meta.get(DECISIONS)
         if decisions is None or all(d.precision.is_high for d in decisions.values()):
@@ -43,12 +45,13 @@ def _rewrite(gm: fx.GraphModule) -> None:
                 weight = graph.call_function(torch.t, (match.weight,))
             site = node.meta[SITE].module
             paths = node.meta.get(GEMM_PATHS, GemmPaths()).encode()
-            new = graph.call_function(fp4_linear, (match.x, weight, match.bias, precision.encode(), out_dtype, site,
-                                                   paths))
+            x = replaced.get(match.x, match.x)
+            new = graph.call_function(fp4_linear, (x, weight, match.bias, precision.encode(), out_dtype, site, paths))
         new.meta = dict(node.meta)
         new.meta[PRECISION] = precision.encode()
         old_inputs = list(node.all_input_nodes)
         node.replace_all_uses_with(new)
+        replaced[node] = new
         graph.erase_node(node)
         for old in old_inputs:
             if old.op in ("call_function", "call_method") and not old.users:
