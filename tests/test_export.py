@@ -243,6 +243,17 @@ def test_modelopt_layout_decodes_to_the_forward_weights_bit_for_bit(llama_export
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 3
 
 
+def test_fused_siblings_with_their_own_global_scales_are_reported(llama_exports):
+    """Training gives q/k/v and gate/up each its own tensor scale; the result lists the groups a fusing server
+    would decode with one scale."""
+    result = llama_exports[4]["modelopt"]
+    scales = {m: layer.weight_encode_scale.item() for m, layer in result.fp4_layers.items()}
+    qkv = [f"model.layers.1.self_attn.{n}_proj" for n in "qkv"]
+    gate_up = [f"model.layers.1.mlp.{n}_proj" for n in ("gate", "up")]
+    expected = [g for g in (qkv, gate_up) if len({scales[m] for m in g}) > 1]
+    assert expected and result.unshared_fused_scales == expected
+
+
 def test_compressed_tensors_config_parses_with_the_package(llama_exports):
     from compressed_tensors.quantization import QuantizationConfig
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..policy.recipe import Policy
 from . import compressed_tensors, modelopt
-from .common import ExportFormat, FP4Layer, plan_export, high_precision_state, write_folder
+from .common import ExportFormat, FP4Layer, high_precision_state, plan_export, unshared_fused_scales, write_folder
 
 __all__ = ["export", "ExportFormat", "ExportResult", "FP4Layer"]
 
@@ -37,6 +37,8 @@ class ExportResult:
         fp4_layers: the layers written in NVFP4, by module path.
         ignored: the linear layers written in high precision (the format's ignore list), by module path.
         high_precision_reasons: the precision table's reason for each weight GEMM site kept in high precision.
+        unshared_fused_scales: groups of layers that vLLM and SGLang fuse (q/k/v, gate/up) whose weight global
+            scales differ (see docs/export.md, "Fused layers").
     """
 
     path: str
@@ -44,6 +46,7 @@ class ExportResult:
     fp4_layers: dict[str, FP4Layer]
     ignored: list[str]
     high_precision_reasons: dict[str, str]
+    unshared_fused_scales: list[list[str]]
 
 
 def _parse_format(format: "str | ExportFormat") -> ExportFormat:
@@ -145,6 +148,14 @@ def export(
         raise ValueError("fp4compile.export: the policy runs no linear layer of this model in FP4 (every weight GEMM "
                          "site is high precision), so there is nothing to write in NVFP4; the reasons: "
                          + "; ".join(f"{m or '<root>'}: {r}" for m, r in sorted(plan.high_precision.items())))
+    unshared = unshared_fused_scales(plan.fp4)
+    if unshared:
+        # A warning, not an error: the checkpoint holds exactly the trained weights; it is the fusing server
+        # that would change them (docs/export.md, "Fused layers").
+        logger.warning("fp4compile export: %d groups of layers that vLLM and SGLang fuse into one GEMM have different "
+                       "weight global scales (e.g. %s); those servers decode a fused layer with one scale, so these "
+                       "weights would not be served exactly as trained (docs/export.md, 'Fused layers')",
+                       len(unshared), ", ".join(unshared[0]))
     ignored = [m for m in _linear_layers(model) if m not in plan.fp4]
     tensors = high_precision_state(model, (f"{m}.weight" for m in plan.fp4), dtype)
     writer = compressed_tensors if fmt is ExportFormat.COMPRESSED_TENSORS else modelopt
@@ -158,4 +169,4 @@ def export(
     written = write_folder(path, tensors, files, _extra_files(model, tokenizer))
     logger.info("fp4compile export: wrote %s (%s): %d layers in NVFP4, %d in %s", written, fmt.value, len(plan.fp4),
                 len(ignored), dtype)
-    return ExportResult(written, fmt, plan.fp4, ignored, plan.high_precision)
+    return ExportResult(written, fmt, plan.fp4, ignored, plan.high_precision, unshared)

@@ -28,7 +28,7 @@ from ..numerics.reference import tensor_encode_scale
 from ..policy.recipe import Policy
 
 __all__ = ["ExportFormat", "FP4Layer", "ExportPlan", "plan_export", "write_folder", "high_precision_state",
-           "SERVING_BLOCK"]
+           "SERVING_BLOCK", "FUSED_SIBLINGS", "unshared_fused_scales"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,26 @@ class FP4Layer:
     def decode_scale(encode: torch.Tensor) -> torch.Tensor:
         """``1 / S`` correctly rounded in float32: the decode scale ``D`` of docs/numerics.md section 2 step 2."""
         return torch.ones_like(encode) / encode
+
+
+#: Sibling layers that vLLM and SGLang fuse into one GEMM (Llama-style names): the fused layer applies one weight
+#: global scale, the largest encode scale of the siblings, to all of them.
+FUSED_SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def unshared_fused_scales(layers: Mapping[str, FP4Layer]) -> list[list[str]]:
+    """The groups of FP4 sibling layers (`FUSED_SIBLINGS` under one parent module) whose weight global scales
+    differ. Training quantizes each layer with its own tensor scale (docs/numerics.md section 2 step 2); a server
+    that fuses them decodes all with one scale, so their weights are then off by the ratio of the scales."""
+    groups = []
+    for siblings in FUSED_SIBLINGS:
+        parents = {m.rsplit(".", 1)[0] for m in layers if m.rsplit(".", 1)[-1] in siblings}
+        for parent in sorted(parents):
+            names = [f"{parent}.{s}" for s in siblings if f"{parent}.{s}" in layers]
+            scales = {layers[n].weight_encode_scale.item() for n in names}
+            if len(names) > 1 and len(scales) > 1:
+                groups.append(names)
+    return groups
 
 
 @dataclasses.dataclass
