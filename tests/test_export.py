@@ -385,6 +385,10 @@ def test_small_model_exports_with_bf16_high_precision_and_its_ignore_list(tmp_pa
     assert "proj.weight" in tensors and tensors["proj.weight"].dtype == torch.uint8
     assert _leftovers(tmp_path) == ["out"]
     assert sorted(os.listdir(result.path)) == ["config.json", "hf_quant_config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(result.path).st_mode & 0o777 == 0o777 & ~umask  # as mkdir would make it, not mkdtemp's 0700
+    assert os.stat(os.path.join(result.path, "model.safetensors")).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_model_without_fp4_layers_is_refused(tmp_path):

@@ -266,8 +266,20 @@ def write_folder(path: "str | os.PathLike", tensors: Mapping[str, torch.Tensor],
                 f.write("\n")
         if extra is not None:
             extra(tmp)
+        _default_permissions(tmp)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _default_permissions(folder: str) -> None:
+    """The permissions a plain ``mkdir`` and ``open`` would have given (``mkdtemp`` makes the folder 0700, and
+    a checkpoint is usually read by a server running as another user)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
