@@ -161,6 +161,20 @@ def _reload(path: str, make_model) -> nn.Module:
 
 # --- the round trip: every FP4 weight, bit for bit ---------------------------------------------------------------
 
+def _train_and_evaluate(model, ids, optimizer):
+    """Two training steps with the fp4 backend on ``ids``, then the outputs of the compiled model's FP4 forward
+    and of the model in high precision, both without gradients in eval mode (no dropout)."""
+    compiled = torch.compile(model, backend=fp4compile.Fp4Backend(inner="eager", model=model), dynamic=False)
+    opt = optimizer(model.parameters())
+    for _ in range(2):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        return compiled(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+
+
 @pytest.fixture(scope="module")
 def llama_exports(tmp_path_factory):
     """A tiny Llama trained two steps with the fp4 backend, its FP4-forward loss, and both exports of it."""
@@ -168,16 +182,7 @@ def llama_exports(tmp_path_factory):
     torch._dynamo.reset()
     model = _llama()
     ids = _ids()
-    compiled = torch.compile(model, backend=fp4compile.Fp4Backend(inner="eager", model=model), dynamic=False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        compiled(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()  # no dropout in the losses compared
-    with torch.no_grad():
-        fp4_out = compiled(input_ids=ids, labels=ids)
-        high_out = model(input_ids=ids, labels=ids)
+    fp4_out, high_out = _train_and_evaluate(model, ids, lambda params: torch.optim.AdamW(params, lr=1e-2))
     root = tmp_path_factory.mktemp("llama")
     results = {fmt: fp4compile.export(model, root / fmt, batches=[{"input_ids": ids}], format=fmt,
                                       dtype=torch.float32, progress=False)
@@ -290,16 +295,7 @@ def test_trained_llama_reloaded_computes_the_fp4_forward_loss(llama_exports, fmt
 def test_trained_gpt2_exported_in_both_formats_reloads_to_the_fp4_forward_loss(tmp_path):
     model = _gpt2()
     ids = _ids()
-    compiled = torch.compile(model, backend=fp4compile.Fp4Backend(inner="eager", model=model), dynamic=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):
-        compiled(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()  # no dropout in the losses compared
-    with torch.no_grad():
-        fp4_out = compiled(input_ids=ids, labels=ids)
-        high_out = model(input_ids=ids, labels=ids)
+    fp4_out, high_out = _train_and_evaluate(model, ids, lambda params: torch.optim.SGD(params, lr=0.1))
     for fmt in ("compressed-tensors", "modelopt"):
         result = fp4compile.export(model, tmp_path / fmt, batches=[{"input_ids": ids}], format=fmt,
                                    dtype=torch.float32, progress=False)

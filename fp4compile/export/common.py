@@ -69,6 +69,13 @@ class FP4Layer:
         tensor of that amax (docs/numerics.md section 2 step 2); 1 where the amax is 0."""
         return tensor_encode_scale(self.input_amax.to(torch.float32), NVFP4)
 
+    def packed_weight(self, codes_name: str) -> dict[str, torch.Tensor]:
+        """What both formats store alike: ``<module>.<codes_name>``, uint8 ``(out, in / 2)`` with the lower index
+        in the low nibble (docs/numerics.md section 1), and ``<module>.weight_scale``, float8_e4m3fn
+        ``(out, in / 16)``, a 16x16 tile's scale repeated over its rows (docs/numerics.md section 3.2)."""
+        return {f"{self.module}.{codes_name}": self.weight.qdata.contiguous(),
+                f"{self.module}.weight_scale": self.weight.row_block_scales().contiguous()}
+
     @staticmethod
     def decode_scale(encode: torch.Tensor) -> torch.Tensor:
         """``1 / S`` correctly rounded in float32: the decode scale ``D`` of docs/numerics.md section 2 step 2."""

@@ -34,12 +34,9 @@ FORMAT = "nvfp4-pack-quantized"
 def layer_tensors(layer: FP4Layer) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one FP4 layer."""
     m = layer.module
-    return {
-        f"{m}.weight_packed": layer.weight.qdata.contiguous(),
-        f"{m}.weight_scale": layer.weight.row_block_scales().contiguous(),
-        f"{m}.weight_global_scale": layer.weight_encode_scale.reshape(1).to(torch.float32),
-        f"{m}.input_global_scale": layer.input_encode_scale.reshape(1).to(torch.float32),
-    }
+    return {**layer.packed_weight("weight_packed"),
+            f"{m}.weight_global_scale": layer.weight_encode_scale.reshape(1).to(torch.float32),
+            f"{m}.input_global_scale": layer.input_encode_scale.reshape(1).to(torch.float32)}
 
 
 def _fp4_args(dynamic: "bool | str") -> dict:

@@ -33,13 +33,10 @@ QUANT_ALGO = "NVFP4"
 def layer_tensors(layer: FP4Layer) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of one FP4 layer."""
     m = layer.module
-    return {
-        f"{m}.weight": layer.weight.qdata.contiguous(),
-        f"{m}.weight_scale": layer.weight.row_block_scales().contiguous(),
-        # The forward's own D (not recomputed from S: it is 1 / S correctly rounded by construction).
-        f"{m}.weight_scale_2": layer.weight.per_tensor_scale.reshape(()).to(torch.float32),
-        f"{m}.input_scale": FP4Layer.decode_scale(layer.input_encode_scale).reshape(()).to(torch.float32),
-    }
+    # weight_scale_2 is the forward's own D (1 / S correctly rounded, docs/numerics.md section 2 step 2).
+    return {**layer.packed_weight("weight"),
+            f"{m}.weight_scale_2": layer.weight.per_tensor_scale.reshape(()).to(torch.float32),
+            f"{m}.input_scale": FP4Layer.decode_scale(layer.input_encode_scale).reshape(()).to(torch.float32)}
 
 
 def hf_quant_config(exclude: Iterable[str], producer_version: str) -> dict:
