@@ -170,7 +170,8 @@ def _check_module(model: nn.Module, module: str, weight_name: str) -> None:
 def plan_export(model: nn.Module, batches: Iterable[Any], policy: "Policy | str | None" = None,
                 progress: bool = True) -> ExportPlan:
     """Run ``batches`` through ``model`` compiled with the fp4 backend (``policy``; default the NV recipe),
-    without gradients, and collect the FP4 layers (`FP4Layer`) and the sites kept in high precision.
+    without gradients and in eval mode (no dropout; the model's mode is restored), and collect the FP4 layers
+    (`FP4Layer`) and the sites kept in high precision.
 
     Raises:
         ValueError: no batch, or a layer the NVFP4 checkpoint formats cannot hold (the message names it).
@@ -266,7 +267,8 @@ def write_folder(path: "str | os.PathLike", tensors: Mapping[str, torch.Tensor],
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
-        save_file(dict(tensors), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}  # a model trained on a GPU
+        save_file(cpu, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         for name, content in json_files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2, sort_keys=False)
