@@ -6,6 +6,7 @@ role from a policy, rewrites the chosen GEMMs into quantized ops and hands the r
 
 from . import monitor, recipes, schedules
 from .capture import Fp4Backend, backend
+from .export import export
 from .inspect.dump import dump
 from .inspect.sensitivity import SensitivityReport, sensitivity
 from .numerics import (
@@ -36,6 +37,7 @@ __all__ = [
     "backend",
     "Fp4Backend",
     "dump",
+    "export",
     "sensitivity",
     "SensitivityReport",
     "recipes",

@@ -6,11 +6,15 @@
     fp4compile dump report <dir>                            (re)write <dir>/report.html
     fp4compile sensitivity [options] <file.py[:fn] | module:fn> [args...] --out <dir>
                                                             measure what FP4 costs per site and role
+    fp4compile export [options] <file.py[:fn] | module:fn> [args...] --out <dir>
+                                                            write an NVFP4 checkpoint (docs/export.md)
 
 ``sensitivity`` calls ``fn`` (default ``sensitivity_inputs``) of the file or module with the arguments after it
 (as a list of strings, when ``fn`` takes a parameter); ``fn`` returns ``(model, batches)``, or a mapping with
 ``"model"`` and ``"batches"`` (each batch a tuple of positional inputs or a mapping of keyword inputs). Its
 options come before the file; like ``dump run`` it also takes the last ``--out`` on the line as its own.
+``export`` calls ``fn`` (default ``export_inputs``) the same way: ``(model, calibration batches)``, or a mapping
+that may also hold a ``"tokenizer"``.
 
 ``dump run`` takes the *last* ``--out <dir>`` (or ``--out=<dir>``) on the line as its own, so a script's own
 ``--out`` may come earlier; or put the script after ``--``: ``fp4compile dump run --out d -- train.py --out x``.
@@ -154,10 +158,11 @@ def _diff(a: str, b: str, sqnr_tolerance: float) -> int:
 DEFAULT_TARGET = "sensitivity_inputs"
 
 
-def load_target(spec: str, argv: Sequence[str] = ()) -> tuple[Any, list[Any]]:
-    """``(model, batches)`` from ``file.py[:fn]`` or ``package.module:fn`` (see the module docstring)."""
+def _call_target(spec: str, argv: Sequence[str], default: str) -> tuple[str, str, Any]:
+    """Import ``file.py[:fn]`` or ``package.module:fn`` (``fn`` defaults to ``default``) and call ``fn`` with
+    ``argv``; returns where, the function's name and what it returned."""
     where, _, name = spec.partition(":") if not os.path.isfile(spec) else (spec, "", "")
-    name = name or DEFAULT_TARGET
+    name = name or default
     if where.endswith(".py") or os.path.isfile(where):
         if not os.path.isfile(where):
             raise ValueError(f"no such file: {where}")
@@ -178,7 +183,10 @@ def load_target(spec: str, argv: Sequence[str] = ()) -> tuple[Any, list[Any]]:
     takes_argv = bool(inspect.signature(fn).parameters)
     if argv and not takes_argv:
         raise ValueError(f"{where}:{name} takes no arguments, but {' '.join(argv)} was given")
-    result = fn(list(argv)) if takes_argv else fn()
+    return where, name, (fn(list(argv)) if takes_argv else fn())
+
+
+def _model_and_batches(where: str, name: str, result: Any) -> tuple[Any, list[Any]]:
     if isinstance(result, dict):
         result = (result.get("model"), result.get("batches"))
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
@@ -186,6 +194,11 @@ def load_target(spec: str, argv: Sequence[str] = ()) -> tuple[Any, list[Any]]:
                          f"got {type(result).__name__}")
     model, batches = result
     return model, list(batches)
+
+
+def load_target(spec: str, argv: Sequence[str] = (), default: str = DEFAULT_TARGET) -> tuple[Any, list[Any]]:
+    """``(model, batches)`` from ``file.py[:fn]`` or ``package.module:fn`` (see the module docstring)."""
+    return _model_and_batches(*_call_target(spec, argv, default))
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
@@ -240,6 +253,33 @@ def _sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_TARGET = "export_inputs"
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    import fp4compile
+    from fp4compile import recipes
+
+    out, rest = split_run_args(args.rest)
+    out = args.out or out
+    if not rest or not out:
+        print("usage: fp4compile export [options] <file.py[:fn] | module:fn> [args...] --out <dir>", file=sys.stderr)
+        return 2
+    where, name, target = _call_target(rest[0], rest[1:], EXPORT_TARGET)
+    model, batches = _model_and_batches(where, name, target)
+    tokenizer = target.get("tokenizer") if isinstance(target, dict) else None
+    blocks = {k: v for k, v in (("high_precision_first_blocks", args.high_precision_first_blocks),
+                                ("high_precision_last_blocks", args.high_precision_last_blocks)) if v is not None}
+    policy = recipes.from_name(args.recipe, **blocks)
+    result = fp4compile.export(model, out, batches, format=args.format, policy=policy, tokenizer=tokenizer,
+                               dtype=getattr(torch, args.dtype), progress=not args.no_progress)
+    print(f"fp4compile: wrote {result.path} ({result.format.value}): {len(result.fp4_layers)} layers in NVFP4, "
+          f"{len(result.ignored)} linear layers in {args.dtype} ({', '.join(result.ignored) or 'none'})")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from .recipes import RECIPE_NAMES
 
@@ -277,6 +317,18 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("--no-sites", action="store_true", help="skip the per-site (all roles) measurements")
     sens.add_argument("--no-progress", action="store_true")
     sens.add_argument("rest", nargs=argparse.REMAINDER)
+    exp = sub.add_parser("export", help="write an NVFP4 checkpoint that serving stacks load: "
+                         "export [options] <file.py[:fn] | module:fn> [args...] --out <dir>")
+    exp.add_argument("--out", default=None, help="the checkpoint folder to create (must not exist)")
+    exp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors", "modelopt"])
+    exp.add_argument("--recipe", default="nvfp4", choices=list(RECIPE_NAMES),
+                     help="the recipe the model was trained with (which layers are FP4)")
+    exp.add_argument("--high-precision-first-blocks", type=int, default=None)
+    exp.add_argument("--high-precision-last-blocks", type=int, default=None)
+    exp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                     help="dtype of the tensors not in FP4")
+    exp.add_argument("--no-progress", action="store_true")
+    exp.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
@@ -289,6 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "sensitivity":
             return _sensitivity(args)
+        if args.command == "export":
+            return _export(args)
         if args.action == "show":
             return _show(args.dir, args.fp4_only)
         if args.action == "diff":

@@ -391,3 +391,28 @@ def test_process_observer_sees_quantizations_and_scoped_one_wins():
         set_process_observer(previous)
     torch.ops.fp4compile.quantize(x, "nvfp4|1x16|nearest|-", None, "m:weight_grad:lhs")
     assert process == ["m:forward:lhs"] and scoped == ["m:input_grad:lhs"]
+
+
+class _Chained(torch.nn.Module):
+    """Three linears, each FP4 site fed directly by the one before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        x = self.a(x)
+        x = x + self.b(x)
+        return self.c(x).square().mean()
+
+
+def test_fp4_site_fed_by_another_fp4_site_equals_eager_reference():
+    """The second site's input is the first site's output, which the rewrite has already replaced."""
+    torch.manual_seed(0)
+    model = _Chained()
+    inputs = (torch.randn(4, 8, 32),)
+    policy = fp4compile.recipes.nvfp4(high_precision_first_blocks=0, high_precision_last_blocks=0,
+                                      quantize_output_head=True)
+    compiled = compiled_step(model, inputs, policy=policy)
+    assert {r.module for r in compiled[2].rows() if r.precision == "nvfp4"} == {"a", "b", "c"}
+    _assert_same_step(compiled, reference_step(model, inputs, {n: NV for n in ("a", "b", "c")}))

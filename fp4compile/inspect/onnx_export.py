@@ -230,7 +230,7 @@ def _prepare(rewritten: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[
         _check_operand(fwd.lhs, site, "activation", True)
         _check_operand(fwd.rhs, site, "weight", False)
         q_w = quantize(sites[node.name], fwd.rhs.format, fwd.rhs.block)
-        scale = q_w.scale.repeat_interleave(q_w.block[0], dim=0) if q_w.block[0] > 1 else q_w.scale
+        scale = q_w.row_block_scales()
         base = f"{site or node.name}"
         names = [
             _set_nested(gm, f"{base}.weight_fp4", q_w.qdata.view(torch.float4_e2m1fn_x2).contiguous()),

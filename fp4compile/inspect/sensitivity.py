@@ -353,10 +353,14 @@ class _SwappedSites:
                 module.forward = previous
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
+def call_with_batch(model: Any, batch: Any) -> Any:
+    """``model(**batch)`` for a mapping of keyword inputs, ``model(*batch)`` for a tuple or list of positional
+    inputs, ``model(batch)`` for anything else (one tensor)."""
     if isinstance(batch, Mapping):
         return model(**batch)
-    return model(*batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 class _OperandProbe:
@@ -435,7 +439,7 @@ def _run(model: nn.Module, params: Sequence[nn.Parameter], batch: Any, seed: int
     for p in params:
         p.grad = None
     torch.manual_seed(seed)
-    target = _backprop_target(_call(model, batch))
+    target = _backprop_target(call_with_batch(model, batch))
     if target is None:
         raise ValueError("fp4compile.sensitivity: the model's output does not require grad; gradients are what "
                          "is measured (is the model in torch.no_grad, or are its parameters frozen?)")

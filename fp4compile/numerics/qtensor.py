@@ -69,6 +69,15 @@ class QuantizedTensor:
         scale = self.scale.to(torch.float32).reshape(-1, k // self.block[1])
         return expand_block_scales(scale, rows, k, self.block)
 
+    def row_block_scales(self) -> torch.Tensor:
+        """The block scales in ``1 x b`` layout, shape ``(*lead, K // b)`` in the storage dtype: a ``b x b`` tile's
+        scale repeated over its ``b`` rows. Exact, since every row of a tile has the tile's scale: the layout of
+        formats that hold one scale per ``1 x b`` block (ONNX ``DequantizeLinear``, the NVFP4 checkpoint formats;
+        docs/numerics.md section 3.2)."""
+        if self.block[0] == 1:
+            return self.scale
+        return self.scale.repeat_interleave(self.block[0], dim=0).reshape(*self.shape[:-1], -1)
+
     def dequantize_unscaled(self) -> torch.Tensor:
         """``E2M1[c] * d_b`` as float32 in the logical shape, without the tensor scale: exact, and what an
         NVFP4 GEMM multiplies before applying the tensor scales as alpha (docs/numerics.md section 2.4)."""

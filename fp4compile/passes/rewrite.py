@@ -10,6 +10,8 @@ roles are left exactly as the model wrote them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
@@ -32,6 +34,8 @@ def rewrite_gemms(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _rewrite(gm: fx.GraphModule) -> None:
     graph = gm.graph
+    # A site's match was taken before the rewrite: its input may be an earlier site's node, replaced by then.
+    replaced: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
         decisions = node.meta.get(DECISIONS)
         if decisions is None or all(d.precision.is_high for d in decisions.values()):
@@ -43,6 +47,8 @@ def _rewrite(gm: fx.GraphModule) -> None:
         site = node.meta[SITE].module
         paths = node.meta.get(GEMM_PATHS, GemmPaths()).encode()
         with graph.inserting_before(node):
+            # An input that an earlier site produced is that site's rewritten node by now.
+            match = dataclasses.replace(match, x=replaced.get(match.x, match.x))
             if isinstance(match, ExpertGemmMatch):
                 new = _expert_call(graph, match, precision.encode(), out_dtype, site, paths)
             else:
@@ -55,6 +61,7 @@ def _rewrite(gm: fx.GraphModule) -> None:
         new.meta[PRECISION] = precision.encode()
         old_inputs = list(node.all_input_nodes)
         node.replace_all_uses_with(new)
+        replaced[node] = new
         graph.erase_node(node)
         for old in old_inputs:
             if old.op in ("call_function", "call_method") and not old.users:
