@@ -114,11 +114,11 @@ def train(arm: str, seed: int, cfg: GPTConfig, splits, args, device: str) -> dic
     return result
 
 
-def run_one(arm: str, seed: int, args, device: str) -> dict:
-    cfg = model_config(args.tiny)
-    data = load_bytes(args.data, limit=20_000_000)
+def data_splits(path: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bytes: 90% for training, the last 10% held out for validation."""
+    data = load_bytes(path, limit=20_000_000)
     split = int(0.9 * len(data))
-    return train(arm, seed, cfg, (data[:split], data[split:]), args, device)
+    return data[:split], data[split:]
 
 
 def result_path(args, arm: str, seed: int) -> str:
@@ -176,8 +176,10 @@ def main() -> None:
                 if proc.wait() != 0:
                     raise RuntimeError(f"{run} failed (exit {proc.returncode})")
     else:
+        splits = data_splits(args.data) if runs else None  # read once for all the runs of this process
         for arm, seed in runs:
-            result = run_one(arm, seed, args, device)  # written only when complete, so --resume skips whole runs
+            # Written only when complete, so --resume skips whole runs.
+            result = train(arm, seed, model_config(args.tiny), splits, args, device)
             with open(result_path(args, arm, seed), "w") as f:
                 json.dump(result, f)
             torch._dynamo.reset()
